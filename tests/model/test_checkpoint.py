@@ -63,7 +63,10 @@ def test_round_trip_identical_outputs(tmp_path: Path) -> None:
 def test_export_inference_heads_fp16(tmp_path: Path) -> None:
     model = _perturbed_model()
     path = save_checkpoint(
-        model, _meta(), tmp_path / "inf.safetensors", dtype=torch.float16,
+        model,
+        _meta(),
+        tmp_path / "inf.safetensors",
+        dtype=torch.float16,
         tasks=["segmentation", "classification"],
     )
     loaded, meta = load_checkpoint(path)
@@ -73,8 +76,9 @@ def test_export_inference_heads_fp16(tmp_path: Path) -> None:
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         a, b = model(x), loaded(x)
-    assert torch.allclose(torch.sigmoid(a["segmentation"]), torch.sigmoid(b["segmentation"]),
-                          atol=1e-2)
+    assert torch.allclose(
+        torch.sigmoid(a["segmentation"]), torch.sigmoid(b["segmentation"]), atol=1e-2
+    )
 
 
 def test_every_new_metadata_gets_a_new_device_uid() -> None:

@@ -49,13 +49,13 @@ def test_gradients_reach_encoder_from_each_loss() -> None:
     first_conv = model.encoder.blocks[0][0].weight
     losses = {
         "reconstruction": lambda o: F.mse_loss(o["reconstruction"], x),
-        "segmentation": lambda o: -(
-            (2 * (torch.sigmoid(o["segmentation"]) * target_mask).sum() + 1)
-            / (torch.sigmoid(o["segmentation"]).sum() + target_mask.sum() + 1)
+        "segmentation": lambda o: (
+            -(
+                (2 * (torch.sigmoid(o["segmentation"]) * target_mask).sum() + 1)
+                / (torch.sigmoid(o["segmentation"]).sum() + target_mask.sum() + 1)
+            )
         ),
-        "classification": lambda o: F.binary_cross_entropy_with_logits(
-            o["classification"], labels
-        ),
+        "classification": lambda o: F.binary_cross_entropy_with_logits(o["classification"], labels),
     }
     for task, loss_fn in losses.items():
         model.zero_grad()

@@ -26,8 +26,11 @@ def _model_and_meta(width: int = 4, size: int = 64) -> tuple[torch.nn.Module, Ch
             m.running_var.uniform_(0.5, 2.0)
     meta = CheckpointMetadata.model_validate(
         {
-            "architecture": {"base_width": width, "input_size": size,
-                             "tasks": ["segmentation", "classification"]},
+            "architecture": {
+                "base_width": width,
+                "input_size": size,
+                "tasks": ["segmentation", "classification"],
+            },
             "preprocessing": {"input_size": size},
         }
     )
