@@ -1,0 +1,263 @@
+"""One series in, SEG + SR (+ optional overlay SC) out: load -> lung mask -> network -> DICOM.
+
+``process_series`` is what the worker runs per job and what ``ctmtl-node process`` runs
+(through :func:`run_process_command`). The series-level COVID probability comes from the
+Predictor, which aggregates the slice probabilities over the slices that contain lung.
+The lesion mask is ``probability >= threshold`` inside the lung mask; volumes are voxel
+counts times the voxel volume. :func:`write_results` is the seam after inference (given
+masks and a probability), used by tests to check that a known lesion lands where drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.lung import lung_mask
+from dicom_node.overlay import build_secondary_capture, write_secondary_capture
+from dicom_node.results import AlgorithmInfo, ResultOptions, ResultUIDs
+from dicom_node.seg import build_seg, write_seg
+from dicom_node.sr import ResultNumbers, build_sr, write_sr
+from dicom_node.volume import CTVolume, SeriesRejected, load_series
+
+logger = logging.getLogger(__name__)
+
+#: below this the lung mask found no lungs worth reporting (not a chest CT, or no air)
+MIN_LUNG_VOLUME_ML = 100.0
+
+
+@dataclass
+class SeriesResult:
+    """What one processed series produced (the figures are those written into the SR)."""
+
+    series_instance_uid: str
+    covid_probability: float
+    covid_present: bool
+    lesion_volume_ml: float
+    lung_volume_ml: float
+    lung_involvement_percent: float
+    seg_path: Path
+    sr_path: Path
+    seg_sop_instance_uid: str
+    sr_sop_instance_uid: str
+    model_version: str
+    device_uid: str
+    extra_paths: list[Path] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``ctmtl-node process`` JSON line (DESIGN.md contract), paths as strings."""
+        out = asdict(self)
+        out["seg_path"] = str(self.seg_path)
+        out["sr_path"] = str(self.sr_path)
+        out["extra_paths"] = [str(p) for p in self.extra_paths]
+        return out
+
+
+def result_numbers(
+    volume: CTVolume,
+    lesion: np.ndarray,
+    lung: np.ndarray,
+    covid_probability: float,
+    covid_threshold: float,
+) -> ResultNumbers:
+    """Volumes and percentages, rounded as they are stored in the SR."""
+    voxel_ml = volume.voxel_volume_ml
+    lesion_ml = float(np.count_nonzero(lesion)) * voxel_ml
+    lung_ml = float(np.count_nonzero(lung)) * voxel_ml
+    percent = 100.0 * lesion_ml / lung_ml if lung_ml > 0 else 0.0
+    probability = round(float(covid_probability), 4)
+    return ResultNumbers(
+        covid_probability=probability,
+        covid_present=probability >= covid_threshold,
+        lesion_volume_ml=round(lesion_ml, 2),
+        lung_volume_ml=round(lung_ml, 2),
+        lung_involvement_percent=round(percent, 2),
+    )
+
+
+def write_results(
+    volume: CTVolume,
+    lesion: np.ndarray,
+    lung: np.ndarray,
+    covid_probability: float,
+    out_dir: str | Path,
+    options: ResultOptions,
+    algorithm: AlgorithmInfo,
+    covid_threshold: float = 0.5,
+    uids: ResultUIDs | None = None,
+    instance_number: int = 1,
+    timings: dict[str, float] | None = None,
+) -> SeriesResult:
+    """Build and write SEG, SR (and SC when configured) for given masks; the seam after AI."""
+    out = Path(out_dir)
+    uids = uids or ResultUIDs()
+    timings = dict(timings or {})
+    lesion = np.asarray(lesion, dtype=bool) & np.asarray(lung, dtype=bool)
+    numbers = result_numbers(volume, lesion, lung, covid_probability, covid_threshold)
+
+    t0 = time.perf_counter()
+    seg = build_seg(
+        volume,
+        lesion,
+        lung if options.include_lung_segment else None,
+        options,
+        algorithm,
+        uids.seg_series,
+        uids.seg_instance,
+        instance_number,
+    )
+    seg_path = write_seg(seg, out)
+    t1 = time.perf_counter()
+    sr = build_sr(
+        volume, seg, numbers, options, algorithm, uids.sr_series, uids.sr_instance, instance_number
+    )
+    sr_path = write_sr(sr, out)
+    t2 = time.perf_counter()
+    timings["seg"] = t1 - t0
+    timings["sr"] = t2 - t1
+    extra: list[Path] = []
+    if options.secondary_capture:
+        images = build_secondary_capture(volume, lesion, lung, options, algorithm, uids.sc_series)
+        extra = write_secondary_capture(images, out)
+        timings["secondary_capture"] = time.perf_counter() - t2
+    return SeriesResult(
+        series_instance_uid=volume.series_instance_uid,
+        covid_probability=numbers.covid_probability,
+        covid_present=numbers.covid_present,
+        lesion_volume_ml=numbers.lesion_volume_ml,
+        lung_volume_ml=numbers.lung_volume_ml,
+        lung_involvement_percent=numbers.lung_involvement_percent,
+        seg_path=seg_path,
+        sr_path=sr_path,
+        seg_sop_instance_uid=uids.seg_instance,
+        sr_sop_instance_uid=uids.sr_instance,
+        model_version=algorithm.model_version,
+        device_uid=algorithm.device_uid,
+        extra_paths=extra,
+        timings={k: round(v, 4) for k, v in timings.items()},
+    )
+
+
+def process_series(
+    files: Sequence[str | Path | pydicom.Dataset],
+    out_dir: str | Path,
+    predictor: Any,
+    options: ResultOptions | None = None,
+    uids: ResultUIDs | None = None,
+    instance_number: int = 1,
+    decode_workers: int | Executor = 0,
+) -> SeriesResult:
+    """Run the whole pipeline on one series' files; ``SeriesRejected`` if it cannot be used.
+
+    ``predictor`` is an ``mtl_model.Predictor`` whose model has segmentation and
+    classification heads. ``decode_workers`` (processes, or an executor to reuse)
+    decodes compressed slices in parallel.
+    """
+    options = options or ResultOptions()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    volume = load_series(files, workers=decode_workers)
+    t1 = time.perf_counter()
+    lung = lung_mask(volume.hu, volume.spacing)
+    lung_ml = float(np.count_nonzero(lung)) * volume.voxel_volume_ml
+    t2 = time.perf_counter()
+    timings["load"] = t1 - t0
+    timings["lung_mask"] = t2 - t1
+    if lung_ml < MIN_LUNG_VOLUME_ML:
+        raise SeriesRejected(
+            f"no lungs found (lung mask {lung_ml:.0f} mL < {MIN_LUNG_VOLUME_ML:.0f} mL); "
+            "not a chest CT?"
+        )
+    slice_mask = lung.any(axis=(1, 2))
+    prediction = predictor.predict_hu(volume.hu, slice_mask=slice_mask)
+    t3 = time.perf_counter()
+    timings["inference"] = t3 - t2
+    if prediction.lesion_probability is None or prediction.series_covid_probability is None:
+        raise ValueError(
+            "the model needs both a segmentation and a classification head for the node"
+        )
+    metadata = predictor.metadata
+    default_threshold = float(metadata.labels.threshold)
+    lesion_threshold = options.lesion_threshold or default_threshold
+    covid_threshold = options.covid_threshold or default_threshold
+    lesion = prediction.lesion_probability >= lesion_threshold
+    result = write_results(
+        volume,
+        lesion,
+        lung,
+        float(prediction.series_covid_probability),
+        out_dir,
+        options,
+        AlgorithmInfo.from_metadata(metadata),
+        covid_threshold=covid_threshold,
+        uids=uids,
+        instance_number=instance_number,
+        timings=timings,
+    )
+    logger.info(
+        "series %s: COVID-19 p=%.3f, lesions %.1f mL (%.2f%% of %.0f mL lung); timings %s",
+        result.series_instance_uid,
+        result.covid_probability,
+        result.lesion_volume_ml,
+        result.lung_involvement_percent,
+        result.lung_volume_ml,
+        result.timings,
+    )
+    return result
+
+
+def series_files(series_dir: str | Path) -> list[Path]:
+    """The DICOM files under ``series_dir`` (recursively); other files are skipped."""
+    root = Path(series_dir)
+    if not root.is_dir():
+        raise SeriesRejected(f"{root} is not a folder")
+    files = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+            continue
+        try:
+            pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            logger.warning("skipping %s: not a DICOM file", path)
+            continue
+        files.append(path)
+    if not files:
+        raise SeriesRejected(f"no DICOM files in {root}")
+    return files
+
+
+def run_process_command(
+    series_dir: str | Path,
+    out_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    options: ResultOptions | None = None,
+) -> dict[str, Any]:
+    """``ctmtl-node process``: one series folder -> SEG + SR in ``out_dir`` -> the JSON dict.
+
+    Raises ``SeriesRejected`` (reason in ``.reason``) for a series that cannot be used and
+    ``mtl_model.CheckpointError`` for an unusable checkpoint.
+    """
+    from mtl_model import Predictor
+
+    files = series_files(series_dir)
+    t0 = time.perf_counter()
+    predictor = Predictor(checkpoint=checkpoint, device=device)
+    model_load = time.perf_counter() - t0
+    cpus = os.cpu_count() or 1
+    workers = min(8, cpus) if cpus >= 8 else 0  # process startup only pays off on many cores
+    result = process_series(files, out_dir, predictor, options, decode_workers=workers)
+    out = result.to_json()
+    out["timings"] = {"model_load": round(model_load, 4), **out["timings"]}
+    return out

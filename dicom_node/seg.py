@@ -1,0 +1,160 @@
+"""DICOM Segmentation (BINARY) of the lesions, and optionally the lungs, with highdicom.
+
+Segment 1 is always "Lesion" (SCT 52988006, category Morphologically Abnormal Structure,
+anatomic region Lung) and segment 2, when written, "Lung" (SCT 39607008, category
+Anatomical Structure); both AUTOMATIC with the algorithm's name and version. Frames share
+the source Frame of Reference and reference the source images (highdicom fills the
+Referenced Series Sequence and per-frame derivation references).
+
+Empty frames (``ResultOptions.empty_frames``) default to "keep": one frame per source
+slice and segment. Several PACS viewers map SEG frames to slices by index or need every
+slice present, and a series without lesions then still gives a valid SEG whose lesion
+segment is empty. Binary frames are 1 bit per pixel, so this costs ~32 KB per 512x512
+slice and segment. "omit" writes only frames with segmented pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.results import (
+    AlgorithmInfo,
+    ResultOptions,
+    algorithm_identification,
+    contributing_equipment,
+    quiet_source_warnings,
+    software_versions,
+)
+from dicom_node.volume import CTVolume
+
+logger = logging.getLogger(__name__)
+
+LESION_SEGMENT = 1
+LUNG_SEGMENT = 2
+LESION_TYPE = codes.SCT.Lesion  # 52988006
+LUNG_TYPE = hd.sr.CodedConcept("39607008", "SCT", "Lung")
+LESION_COLOR = (255, 64, 32)
+LUNG_COLOR = (64, 160, 255)
+
+
+def segment_descriptions(
+    algorithm: AlgorithmInfo, include_lung: bool
+) -> list[hd.seg.SegmentDescription]:
+    algo = algorithm_identification(algorithm)
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=LESION_SEGMENT,
+            segment_label="Lesion",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=LESION_TYPE,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            anatomic_regions=[LUNG_TYPE],
+            display_color=hd.color.CIELabColor.from_rgb(*LESION_COLOR),
+        )
+    ]
+    if include_lung:
+        segments.append(
+            hd.seg.SegmentDescription(
+                segment_number=LUNG_SEGMENT,
+                segment_label="Lung",
+                segmented_property_category=codes.SCT.AnatomicalStructure,
+                segmented_property_type=LUNG_TYPE,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algo,
+                display_color=hd.color.CIELabColor.from_rgb(*LUNG_COLOR),
+            )
+        )
+    return segments
+
+
+def build_seg(
+    volume: CTVolume,
+    lesion: np.ndarray,
+    lung: np.ndarray | None,
+    options: ResultOptions,
+    algorithm: AlgorithmInfo,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    instance_number: int = 1,
+) -> hd.seg.Segmentation:
+    """The SEG of ``lesion`` (and ``lung`` when given), boolean (Z, Y, X) in volume order."""
+    if lesion.shape != volume.shape:
+        raise ValueError(f"lesion mask shape {lesion.shape} != volume shape {volume.shape}")
+    if lung is not None and lung.shape != volume.shape:
+        raise ValueError(f"lung mask shape {lung.shape} != volume shape {volume.shape}")
+    layers = [lesion] if lung is None else [lesion, lung]
+    # (Z, Y, X, segments) as a view of a segment-major array: highdicom's overlap check
+    # sums over the segment axis, several times faster in this memory layout
+    stacked = np.stack([np.asarray(m, dtype=np.uint8) for m in layers], axis=0)
+    stacked = volume.source_order(stacked.transpose(1, 2, 3, 0))
+    source = volume.datasets[0]
+    with quiet_source_warnings():
+        seg = _segmentation(
+            volume,
+            stacked,
+            lung is not None,
+            options,
+            algorithm,
+            source,
+            series_instance_uid,
+            sop_instance_uid,
+            instance_number,
+        )
+    logger.info(
+        "SEG %s: %d frames, %d segment(s), lesion voxels %d",
+        sop_instance_uid,
+        int(seg.NumberOfFrames),
+        len(layers),
+        int(np.count_nonzero(lesion)),
+    )
+    return seg
+
+
+def _segmentation(
+    volume: CTVolume,
+    stacked: np.ndarray,
+    include_lung: bool,
+    options: ResultOptions,
+    algorithm: AlgorithmInfo,
+    source: Dataset,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    instance_number: int,
+) -> hd.seg.Segmentation:
+    return hd.seg.Segmentation(
+        source_images=volume.datasets,
+        pixel_array=stacked,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(algorithm, include_lung),
+        series_instance_uid=series_instance_uid,
+        series_number=options.series_number("seg", source),
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=options.manufacturer,
+        manufacturer_model_name=options.model_name,
+        software_versions=software_versions(algorithm),  # type: ignore[arg-type]
+        device_serial_number=algorithm.device_uid[-16:],
+        content_description=f"AI lesion segmentation - {options.series_disclaimer}"[:64],
+        content_label="AI_LESIONS",
+        series_description=options.series_description("seg"),
+        institution_name=options.institution_name,
+        omit_empty_frames=options.empty_frames == "omit",
+        contributing_equipment=contributing_equipment(options, algorithm),
+    )
+
+
+def write_seg(seg: hd.seg.Segmentation, out_dir: Path) -> Path:
+    """Write atomically as ``SEG_<SOPInstanceUID>.dcm`` and return the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"SEG_{seg.SOPInstanceUID}.dcm"
+    tmp = path.with_name(f".{path.name}.tmp")
+    seg.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,535 @@
+"""A CT series as one volume: slices sorted along their normal, Hounsfield units, geometry.
+
+Everything downstream (lung mask, network, SEG writer, volumes in mL) relies on the slices
+of a series forming one regular, rectilinear stack. :func:`check_geometry` states what is
+wrong with a series that does not (so the node can store a reason and send no result),
+and :func:`load_series` refuses such a series with :class:`SeriesRejected`.
+
+Both CT Image Storage (one file per slice) and Enhanced / Legacy Converted Enhanced CT
+Image Storage (one multi-frame file, geometry in functional groups) are read. Compressed
+pixel data (JPEG Lossless, JPEG-LS, JPEG 2000, RLE, deflate) is decoded by pydicom's
+pixel handlers (pylibjpeg and its plugins).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+logger = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+SUPPORTED_SOP_CLASSES = {
+    CT_IMAGE_STORAGE: "CT Image Storage",
+    ENHANCED_CT_IMAGE_STORAGE: "Enhanced CT Image Storage",
+    LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE: "Legacy Converted Enhanced CT Image Storage",
+}
+MULTIFRAME_SOP_CLASSES = {ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
+
+#: direction cosines of all slices must agree to this (unitless)
+ORIENTATION_TOLERANCE = 1e-3
+#: slice gaps may differ from the median gap by this fraction of it (and at least 0.02 mm)
+SPACING_RELATIVE_TOLERANCE = 0.05
+SPACING_ABSOLUTE_TOLERANCE_MM = 0.02
+#: parallel decoding pays off only from this many compressed files on
+PARALLEL_MIN_FILES = 16
+#: lowest HU kept; padding and values below it (outside the field of view) become air
+HU_FLOOR = -1024.0
+
+
+class SeriesRejected(Exception):
+    """A series the node will not process; ``reason`` is stored and shown to the admin."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where one 2-D frame (a slice) of the series lies in patient space."""
+
+    dataset_index: int
+    frame_number: int | None  # 1-based frame of a multi-frame instance, None for single-frame
+    position: np.ndarray  # Image Position (Patient), mm
+    orientation: np.ndarray  # Image Orientation (Patient), 6 direction cosines
+    pixel_spacing: np.ndarray  # (row spacing, column spacing) mm
+    rows: int
+    columns: int
+    rescale_slope: float
+    rescale_intercept: float
+
+
+@dataclass
+class CTVolume:
+    """A sorted CT stack in HU with its geometry and source headers (pixel data dropped)."""
+
+    hu: np.ndarray  # (Z, Y, X) float32 Hounsfield units, slice 0 = lowest along the normal
+    spacing: tuple[float, float, float]  # (slice gap, row spacing, column spacing) mm
+    positions: np.ndarray  # (Z, 3) Image Position (Patient) of each sorted slice
+    orientation: np.ndarray  # (6,) Image Orientation (Patient)
+    datasets: list[Dataset]  # source headers; single-frame: sorted like ``hu``
+    frame_numbers: list[int] | None  # multi-frame: 1-based source frame of each slice
+    files: list[Path] = field(default_factory=list)
+    sop_class_uid: str = CT_IMAGE_STORAGE
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.hu.shape
+        return int(z), int(y), int(x)
+
+    @property
+    def is_multiframe(self) -> bool:
+        return self.frame_numbers is not None
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.datasets[0].SeriesInstanceUID)
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.datasets[0].StudyInstanceUID)
+
+    @property
+    def frame_of_reference_uid(self) -> str:
+        return str(self.datasets[0].FrameOfReferenceUID)
+
+    @property
+    def origin(self) -> np.ndarray:
+        """Position of voxel (0, 0, 0), patient coordinates (mm)."""
+        return np.asarray(self.positions[0], dtype=np.float64)
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3x3 matrix whose columns are the x (row), y (column) and slice-normal axes."""
+        row = self.orientation[:3]
+        col = self.orientation[3:]
+        return np.stack([row, col, np.cross(row, col)], axis=1)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        dz, dy, dx = self.spacing
+        return dz * dy * dx / 1000.0
+
+    def source_order(self, array: np.ndarray) -> np.ndarray:
+        """Reorder a (Z, ...) array from sorted order into the source frame order.
+
+        Single-frame sources are kept sorted, so this is the identity for them; a
+        multi-frame source may store its frames in any order.
+        """
+        if self.frame_numbers is None:
+            return array
+        out = np.empty_like(array)
+        out[np.asarray(self.frame_numbers) - 1] = array
+        return out
+
+
+def _floats(value: object, n: int, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not numeric ({value!r})") from exc
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} must have {n} finite values, got {value!r}")
+    return arr
+
+
+def _rescale(item: Dataset | None, fallback: Dataset) -> tuple[float, float]:
+    src = item if item is not None and "RescaleSlope" in item else fallback
+    slope = float(src.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(src.get("RescaleIntercept", 0.0) or 0.0)
+    return slope, intercept
+
+
+def _fg(ds: Dataset, frame_index: int, seq_name: str) -> Dataset | None:
+    """An item of a functional group sequence: per-frame first, then shared."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame_index < len(per_frame):
+        seq = per_frame[frame_index].get(seq_name)
+        if seq:
+            return seq[0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        seq = shared[0].get(seq_name)
+        if seq:
+            return seq[0]
+    return None
+
+
+def frame_geometries(datasets: Sequence[Dataset]) -> list[FrameGeometry]:
+    """Geometry of every frame of the series' instances (headers suffice).
+
+    Raises ``ValueError`` naming the instance when a required attribute is missing.
+    """
+    frames: list[FrameGeometry] = []
+    for i, ds in enumerate(datasets):
+        name = str(ds.get("SOPInstanceUID", f"instance #{i + 1}"))
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            if str(ds.get("SOPClassUID", "")) in MULTIFRAME_SOP_CLASSES:
+                n = int(ds.get("NumberOfFrames", 1) or 1)
+                for f in range(n):
+                    pos = _fg(ds, f, "PlanePositionSequence")
+                    ori = _fg(ds, f, "PlaneOrientationSequence")
+                    meas = _fg(ds, f, "PixelMeasuresSequence")
+                    if pos is None or ori is None or meas is None:
+                        raise ValueError(
+                            f"frame {f + 1} lacks plane position, orientation or pixel measures"
+                        )
+                    slope, intercept = _rescale(_fg(ds, f, "PixelValueTransformationSequence"), ds)
+                    frames.append(
+                        FrameGeometry(
+                            i,
+                            f + 1,
+                            _floats(pos.ImagePositionPatient, 3, "Image Position (Patient)"),
+                            _floats(ori.ImageOrientationPatient, 6, "Image Orientation (Patient)"),
+                            _floats(meas.PixelSpacing, 2, "Pixel Spacing"),
+                            rows,
+                            cols,
+                            slope,
+                            intercept,
+                        )
+                    )
+            else:
+                for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+                    if kw not in ds:
+                        raise ValueError(f"missing {kw}")
+                slope, intercept = _rescale(None, ds)
+                frames.append(
+                    FrameGeometry(
+                        i,
+                        None,
+                        _floats(ds.ImagePositionPatient, 3, "Image Position (Patient)"),
+                        _floats(ds.ImageOrientationPatient, 6, "Image Orientation (Patient)"),
+                        _floats(ds.PixelSpacing, 2, "Pixel Spacing"),
+                        rows,
+                        cols,
+                        slope,
+                        intercept,
+                    )
+                )
+        except (AttributeError, ValueError, TypeError) as exc:
+            raise ValueError(f"instance {name}: {exc}") from exc
+    return frames
+
+
+def _normal(orientation: np.ndarray) -> np.ndarray:
+    n = np.cross(orientation[:3], orientation[3:])
+    norm = float(np.linalg.norm(n))
+    if norm < 0.5:
+        raise ValueError("Image Orientation (Patient) row and column cosines are not orthogonal")
+    return n / norm
+
+
+def _series_problems(datasets: Sequence[Dataset]) -> list[str]:
+    problems: list[str] = []
+    for keyword, what in (
+        ("SeriesInstanceUID", "series"),
+        ("StudyInstanceUID", "studies"),
+        ("FrameOfReferenceUID", "frames of reference"),
+    ):
+        values = {str(ds.get(keyword, "")) for ds in datasets}
+        if "" in values:
+            problems.append(f"{keyword} missing in some instances")
+        elif len(values) > 1:
+            problems.append(f"instances belong to {len(values)} different {what}")
+    classes = {str(ds.get("SOPClassUID", "")) for ds in datasets}
+    unsupported = classes - set(SUPPORTED_SOP_CLASSES)
+    if unsupported:
+        problems.append(f"unsupported SOP class(es) {sorted(unsupported)} (CT images only)")
+    elif len(classes) > 1:
+        problems.append("series mixes single-frame and multi-frame CT instances")
+    elif classes & MULTIFRAME_SOP_CLASSES and len(datasets) > 1:
+        problems.append(
+            f"series has {len(datasets)} multi-frame CT instances; one per series is supported"
+        )
+    return problems
+
+
+def check_geometry(datasets: Sequence[Dataset]) -> list[str]:
+    """What keeps ``datasets`` (headers of one series) from forming one regular volume.
+
+    Checks one orientation, consistent rows/columns and pixel spacing, slices stacked
+    along the slice normal (no gantry tilt), no duplicate positions, regular spacing and
+    no missing slices. Returns human-readable problems; an empty list means usable.
+    """
+    if not datasets:
+        return ["series has no instances"]
+    problems = _series_problems(datasets)
+    if problems:
+        return problems
+    try:
+        frames = frame_geometries(datasets)
+    except ValueError as exc:
+        return [f"geometry unreadable: {exc}"]
+    if not frames:
+        return ["series has no frames"]
+
+    ref = frames[0]
+    orientations = np.stack([f.orientation for f in frames])
+    if np.abs(orientations - ref.orientation).max() > ORIENTATION_TOLERANCE:
+        distinct = {tuple(np.round(o, 3)) for o in orientations}
+        problems.append(f"slices have {len(distinct)} different orientations")
+    sizes = {(f.rows, f.columns) for f in frames}
+    if len(sizes) > 1:
+        problems.append(f"slices have different sizes (rows, columns): {sorted(sizes)}")
+    spacings = np.stack([f.pixel_spacing for f in frames])
+    if np.abs(spacings - ref.pixel_spacing).max() > 1e-4 * max(1.0, ref.pixel_spacing.max()):
+        problems.append("slices have different pixel spacings")
+    if np.any(spacings <= 0):
+        problems.append("pixel spacing is not positive")
+    if problems or len(frames) < 2:
+        return problems
+
+    try:
+        normal = _normal(ref.orientation)
+    except ValueError as exc:
+        return [str(exc)]
+    positions = np.stack([f.position for f in frames])
+    dist = positions @ normal
+    order = np.argsort(dist, kind="stable")
+    dist = dist[order]
+    positions = positions[order]
+    in_plane = (positions - positions[0]) - np.outer(dist - dist[0], normal)
+    if np.linalg.norm(in_plane, axis=1).max() > max(0.5 * ref.pixel_spacing.min(), 0.01):
+        problems.append(
+            "slices are not stacked along the slice normal (gantry tilt or shifted positions)"
+        )
+    gaps = np.diff(dist)
+    tol_dup = SPACING_ABSOLUTE_TOLERANCE_MM
+    duplicates = int(np.sum(gaps < tol_dup))
+    if duplicates:
+        problems.append(f"{duplicates} duplicate slice position(s)")
+        return problems
+    step = float(np.median(gaps))
+    tol = max(SPACING_ABSOLUTE_TOLERANCE_MM, SPACING_RELATIVE_TOLERANCE * step)
+    off = np.abs(gaps - step) > tol
+    if off.any():
+        ratio = gaps / step
+        multiples = off & (np.abs(ratio - np.round(ratio)) * step <= tol) & (ratio > 1.5)
+        if multiples.any():
+            missing = int(np.sum(np.round(ratio[multiples]) - 1))
+            where = ", ".join(
+                f"{dist[k]:.2f}..{dist[k + 1]:.2f} mm" for k in np.flatnonzero(multiples)[:5]
+            )
+            problems.append(f"{missing} missing slice(s) (gaps at {where})")
+        irregular = off & ~multiples
+        if irregular.any():
+            problems.append(
+                f"irregular slice spacing: gaps from {gaps.min():.3f} to {gaps.max():.3f} mm "
+                f"(median {step:.3f} mm)"
+            )
+    return problems
+
+
+def _read(item: str | Path | Dataset) -> tuple[Dataset, Path | None]:
+    if isinstance(item, Dataset):
+        return item, None
+    path = Path(item)
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise SeriesRejected(f"cannot read {path.name}: {exc}") from exc
+    if "SOPClassUID" not in ds or "PixelData" not in ds:
+        raise SeriesRejected(f"cannot read {path.name}: not a DICOM image")
+    return ds, path
+
+
+def _dedupe(items: list[tuple[Dataset, Path | None]]) -> list[tuple[Dataset, Path | None]]:
+    """Drop re-sent copies of the same SOP instance (the same UID received twice)."""
+    seen: set[str] = set()
+    out = []
+    for ds, path in items:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid and uid in seen:
+            logger.info("ignoring duplicate SOP instance %s (%s)", uid, path)
+            continue
+        seen.add(uid)
+        out.append((ds, path))
+    return out
+
+
+def _pixels(ds: Dataset, where: str) -> np.ndarray:
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # pixel handlers raise many types
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
+        raise SeriesRejected(
+            f"cannot decode pixel data of {where} (transfer syntax {ts}): {exc}"
+        ) from exc
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise SeriesRejected(f"{where}: colour images are not CT")
+    return np.asarray(arr)
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    if "PixelPaddingValue" not in ds:
+        return None
+    low = int(ds.PixelPaddingValue)
+    high = int(ds.get("PixelPaddingRangeLimit", low))
+    low, high = min(low, high), max(low, high)
+    return (stored >= low) & (stored <= high)
+
+
+def _decode_file(path: str) -> np.ndarray | str:
+    """Worker-process side of parallel decoding: stored pixel values, or the error text."""
+    try:
+        return np.asarray(pydicom.dcmread(path).pixel_array)
+    except Exception as exc:  # the codecs' own error types; reported by the caller
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _decode_in_parallel(
+    items: list[tuple[Dataset, Path | None]], workers: int | Executor
+) -> dict[int, np.ndarray]:
+    """Decode compressed single-frame files in worker processes (pixel codecs hold the GIL).
+
+    Returns stored arrays by item index. Items it does not handle (in-memory datasets,
+    uncompressed data, few files, no workers) and everything after a failure of the pool
+    itself are left to the caller's serial path.
+    """
+    compressed: list[tuple[int, Path]] = []
+    for i, (ds, path) in enumerate(items):
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if path is not None and syntax is not None and syntax.is_compressed:
+            compressed.append((i, path))
+    if not compressed or (
+        isinstance(workers, int) and (workers < 2 or len(compressed) < PARALLEL_MIN_FILES)
+    ):
+        return {}
+    out: dict[int, np.ndarray] = {}
+    executor: Executor = (
+        workers
+        if isinstance(workers, Executor)
+        else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    )
+    try:
+        futures = [(i, path, executor.submit(_decode_file, str(path))) for i, path in compressed]
+        for i, path, future in futures:
+            result = future.result()
+            if isinstance(result, str):
+                raise SeriesRejected(f"cannot decode pixel data of {path.name}: {result}")
+            out[i] = result
+    except SeriesRejected:
+        raise
+    except Exception as exc:  # the pool itself failed: decode the rest serially
+        logger.warning("parallel decoding failed (%s); decoding serially", exc)
+    finally:
+        if executor is not workers:
+            executor.shutdown(cancel_futures=True)
+    return out
+
+
+def load_series(
+    files: Sequence[str | Path | Dataset], check: bool = True, workers: int | Executor = 0
+) -> CTVolume:
+    """Read one CT series into a sorted HU volume; raise :class:`SeriesRejected` if unusable.
+
+    ``files`` are paths (or already read datasets) of one series in any order. Re-sent
+    copies of an instance are ignored. With ``check`` (the default) a series that fails
+    :func:`check_geometry` is rejected with all its problems as the reason. ``workers``
+    (a process count, or an executor to reuse) decodes compressed slices in parallel.
+    """
+    if not files:
+        raise SeriesRejected("series has no instances")
+    items = _dedupe([_read(f) for f in files])
+    datasets = [ds for ds, _ in items]
+    problems = _series_problems(datasets)
+    if problems:
+        raise SeriesRejected("; ".join(problems))
+    if check:
+        problems = check_geometry(datasets)
+        if problems:
+            raise SeriesRejected("; ".join(problems))
+    try:
+        frames = frame_geometries(datasets)
+    except ValueError as exc:
+        raise SeriesRejected(f"geometry unreadable: {exc}") from exc
+    if not check and len({(f.rows, f.columns) for f in frames}) > 1:
+        raise SeriesRejected("slices have different sizes")
+
+    ref = frames[0]
+    normal = _normal(ref.orientation)
+    dist = np.array([f.position @ normal for f in frames])
+    order = np.argsort(dist, kind="stable")
+    multiframe = ref.frame_number is not None
+
+    hu = np.empty((len(frames), ref.rows, ref.columns), dtype=np.float32)
+    if multiframe:
+        ds = datasets[0]
+        stored = _pixels(ds, f"instance {ds.get('SOPInstanceUID', '')}")
+        if stored.ndim == 2:
+            stored = stored[None]
+        pad = _padding_mask(ds, stored)
+        for k, idx in enumerate(order):
+            f = frames[idx]
+            fi = int(f.frame_number or 1) - 1
+            hu[k] = stored[fi].astype(np.float32) * f.rescale_slope + f.rescale_intercept
+            if pad is not None:
+                hu[k][pad[fi]] = HU_FLOOR
+        if items[0][1] is not None:  # read here: drop the pixels, keep the header
+            del ds.PixelData
+        sorted_datasets = [ds]
+        frame_numbers: list[int] | None = [int(frames[i].frame_number or 1) for i in order]
+    else:
+        sorted_datasets = []
+        decoded = _decode_in_parallel(items, workers)
+        for k, idx in enumerate(order):
+            f = frames[idx]
+            ds, path = items[f.dataset_index]
+            where = f"{path.name if path else 'instance'} ({ds.get('SOPInstanceUID', '')})"
+            if f.dataset_index in decoded:
+                stored = decoded.pop(f.dataset_index)
+            else:
+                stored = _pixels(ds, where)
+            if stored.shape != (ref.rows, ref.columns):
+                raise SeriesRejected(
+                    f"{where}: pixel array {stored.shape} does not match Rows/Columns"
+                )
+            hu[k] = stored.astype(np.float32) * f.rescale_slope + f.rescale_intercept
+            pad = _padding_mask(ds, stored)
+            if pad is not None:
+                hu[k][pad] = HU_FLOOR
+            if path is not None and "PixelData" in ds:
+                del ds.PixelData
+            sorted_datasets.append(ds)
+        frame_numbers = None
+    np.maximum(hu, HU_FLOOR, out=hu)
+
+    dist_sorted = dist[order]
+    if len(frames) > 1:
+        dz = float(np.median(np.diff(dist_sorted)))
+    else:
+        first = datasets[0]
+        dz = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
+    paths = [items[frames[i].dataset_index][1] for i in order]
+    volume = CTVolume(
+        hu=hu,
+        spacing=(dz, float(ref.pixel_spacing[0]), float(ref.pixel_spacing[1])),
+        positions=np.stack([frames[i].position for i in order]),
+        orientation=ref.orientation.copy(),
+        datasets=sorted_datasets,
+        frame_numbers=frame_numbers,
+        files=[p for p in dict.fromkeys(paths) if p is not None],
+        sop_class_uid=str(datasets[0].SOPClassUID),
+    )
+    logger.info(
+        "loaded series %s: %d slices %dx%d, spacing %.3f/%.3f/%.3f mm, HU %.0f..%.0f",
+        volume.series_instance_uid,
+        *volume.shape,
+        *volume.spacing,
+        float(hu.min()),
+        float(hu.max()),
+    )
+    return volume
