@@ -1,0 +1,508 @@
+"""`ctmtl-node`: run the DICOM node, process a series offline, and look after the node."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+ctmtl DICOM node: receives chest CT series from a PACS (C-STORE), segments COVID-19
+lesions and classifies the series with the multi-task network, and sends a DICOM SEG and
+a TID 1500 structured report back. Research software, not a medical device.
+
+Typical use:
+  ctmtl-node serve --config config/node.toml      run SCP + worker (Ctrl-C stops)
+  ctmtl-node echo pacs --config config/node.toml  C-ECHO a configured destination
+  ctmtl-node status --config config/node.toml     recent series and jobs
+  ctmtl-node process SERIES_DIR --out OUT         one series folder, no network
+  ctmtl-node config check config/node.toml        validate a config file
+  ctmtl-node worker --config config/node.toml     a worker alone (scale-out, one per GPU)
+  ctmtl-node destinations --echo --config ...     configured peers, C-ECHO each
+  ctmtl-node retry JOB | resend SERIES_UID | purge --older-than 30d | db upgrade
+
+Exit status: 0 success, 1 action failed or refused, 2 invalid configuration or usage,
+3 series rejected (process) / config file unreadable (config check), 4 config syntax error.
+"""
+
+_PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if level.upper() != "DEBUG":
+        for noisy in ("pynetdicom", "alembic", "highdicom"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(path: str | None):  # type: ignore[no-untyped-def]
+    from dicom_node.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.service import NodeService
+
+    cfg = _load(args.config)
+    if args.port is not None:
+        cfg.node.port = args.port
+    service = NodeService(cfg, worker=False if args.no_worker else None, config_path=args.config)
+    service.serve_forever()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A worker process without SCP (scale-out): claims jobs from the shared database."""
+    from dicom_node.service import NodeService
+
+    cfg = _load(args.config)
+    service = NodeService(
+        cfg,
+        scp=False,
+        worker=True,
+        exporter=False if args.no_export else None,
+        config_path=args.config,
+    )
+    service.serve_forever()
+    return 0
+
+
+def cmd_destinations(args: argparse.Namespace) -> int:
+    from dicom_node.admin import destinations
+    from dicom_node.export import echo, peer_for
+
+    cfg = _load(args.config)
+    rows = destinations(cfg)
+    if not rows:
+        print("no destinations configured")
+        return 0
+    failed = 0
+    for row in rows:
+        line = f"{row.name:<16} {row.peer:<40} {'TLS' if row.tls else 'plain':<5}"
+        line += f"  routed: {', '.join(row.routed_from) or '-'}"
+        if args.echo:
+            ok, message = echo(peer_for(cfg.destination(row.name), cfg.node.ae_title))
+            failed += not ok
+            line += f"\n    {'ok' if ok else 'FAILED'}: {message}"
+        print(line)
+    return 1 if failed else 0
+
+
+def _admin_db(cfg):  # type: ignore[no-untyped-def]
+    from dicom_node.db import Database
+
+    db = Database(cfg.database_url)
+    db.upgrade()
+    return db
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from dicom_node.admin import AdminError, retry_job
+
+    cfg = _load(args.config)
+    db = _admin_db(cfg)
+    try:
+        new_id = retry_job(db, args.job)
+    except AdminError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    print(f"job {new_id} queued (retry of job {args.job})")
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from dicom_node.admin import AdminError, resend_series
+
+    cfg = _load(args.config)
+    db = _admin_db(cfg)
+    try:
+        outcome = resend_series(db, cfg, args.series, args.to or ())
+    except AdminError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    for name, what in outcome:
+        print(f"{name}: {what}")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from dicom_node.admin import parse_duration, purge
+
+    try:
+        age = parse_duration(args.older_than)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = _load(args.config)
+    db = _admin_db(cfg)
+    try:
+        n = purge(db, cfg.spool.path, age)
+    finally:
+        db.dispose()
+    print(f"purged the spooled files of {n} finished series older than {args.older_than}")
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from dicom_node.admin import db_upgrade
+    from dicom_node.service import _safe_url
+
+    cfg = _load(args.config)
+    try:
+        before, after = db_upgrade(cfg.database_url)
+    except Exception as exc:  # connection refused, permissions, failed migration
+        print(f"error: database upgrade failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    url = _safe_url(cfg.database_url)
+    if before == after:
+        print(f"{url}: already at revision {after}")
+    else:
+        print(f"{url}: upgraded from {before or 'empty'} to {after}")
+    return 0
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from dicom_node.pipeline import run_process_command
+    from dicom_node.volume import SeriesRejected
+
+    series_dir = Path(args.series_dir)
+    if not series_dir.is_dir():
+        print(f"error: {series_dir} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        out = run_process_command(series_dir, Path(args.out), args.checkpoint, args.device)
+    except SeriesRejected as exc:
+        print(f"series rejected: {exc.reason}", file=sys.stderr)
+        return 3
+    print(json.dumps(out, default=str))
+    return 0
+
+
+def parse_peer(text: str) -> tuple[str, str, int]:
+    """`AE@host:port` -> (ae, host, port); ValueError with the expected form."""
+    m = _PEER_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is neither a configured destination nor AE@host:port")
+    port = int(m.group("port"))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return m.group("ae"), m.group("host").strip("[]"), port
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.config import validate_ae_title
+    from dicom_node.export import Peer, echo, peer_for
+
+    cfg = _load(args.config) if args.config else None
+    calling = args.calling_ae or (cfg.node.ae_title if cfg else "CTMTL")
+    peer: Peer | None = None
+    if cfg is not None:
+        try:
+            peer = peer_for(cfg.destination(args.target), calling)
+        except KeyError:
+            peer = None
+    if peer is None:
+        try:
+            ae, host, port = parse_peer(args.target)
+            peer = Peer(validate_ae_title(ae), host, port, validate_ae_title(calling), args.timeout)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    ok, message = echo(peer)
+    print(message)
+    return 0 if ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+    from sqlalchemy.orm import selectinload
+
+    from dicom_node.db import Database, Job, Result, Series
+
+    cfg = _load(args.config)
+    db = Database(cfg.database_url)
+    try:
+        db.upgrade()
+        with db.session() as s:
+            query = select(Series).order_by(Series.last_received_at.desc()).limit(args.limit)
+            if args.state:
+                query = query.where(Series.state == args.state)
+            series = list(s.scalars(query).all())
+            rows = []
+            for se in series:
+                jobs = list(s.scalars(select(Job).where(Job.series_id == se.id).order_by(Job.id)))
+                results = {
+                    r.job_id: r
+                    for r in s.scalars(
+                        select(Result)
+                        .where(Result.series_id == se.id)
+                        .options(selectinload(Result.deliveries))  # read after the session
+                    )
+                }
+                rows.append((se, jobs, results))
+        if args.json:
+            out = []
+            for se, jobs, results in rows:
+                out.append(
+                    {
+                        "series_instance_uid": se.series_instance_uid,
+                        "state": se.state,
+                        "reason": se.reason,
+                        "instances": se.n_instances,
+                        "calling_ae": se.calling_ae,
+                        "last_received_at": se.last_received_at.isoformat(),
+                        "jobs": [
+                            {
+                                "id": j.id,
+                                "state": j.state,
+                                "attempts": j.attempts,
+                                "error": j.error,
+                                "timings": j.timings,
+                                "covid_probability": results[j.id].covid_probability
+                                if j.id in results
+                                else None,
+                                "deliveries": [
+                                    {
+                                        "destination": d.destination,
+                                        "state": d.state,
+                                        "attempts": d.attempts,
+                                        "error": d.last_error,
+                                    }
+                                    for d in results[j.id].deliveries
+                                ]
+                                if j.id in results
+                                else [],
+                            }
+                            for j in jobs
+                        ],
+                    }
+                )
+            print(json.dumps(out, indent=1, default=str))
+            return 0
+        if not rows:
+            print("no series received yet")
+            return 0
+        for se, jobs, results in rows:
+            print(
+                f"{se.last_received_at:%Y-%m-%d %H:%M:%S}  {se.state:<10} {se.n_instances:>4} inst"
+                f"  from {se.calling_ae or '?':<16} series {se.series_instance_uid}"
+            )
+            if se.reason:
+                print(f"    reason: {se.reason}")
+            for j in jobs:
+                line = f"    job {j.id:<5} {j.state:<10} attempts {j.attempts}"
+                if j.timings:
+                    line += "  " + " ".join(
+                        f"{k}={v:.1f}s" for k, v in j.timings.items() if isinstance(v, (int, float))
+                    )
+                print(line)
+                if j.error:
+                    print(f"        error: {j.error.splitlines()[0][:200]}")
+                r = results.get(j.id)
+                if r is not None:
+                    share = r.lung_involvement_percent
+                    print(
+                        f"        covid_probability={r.covid_probability:.3f} "
+                        f"lesion={r.lesion_volume_ml:.1f} mL "
+                        f"involvement={'n/a' if share is None else f'{share:.1f} %'}"
+                        + ("  (superseded)" if r.superseded else "")
+                    )
+                    for d in r.deliveries:
+                        err = f"  {d.last_error[:120]}" if d.last_error else ""
+                        print(f"        -> {d.destination:<12} {d.state:<9} {d.attempts}x{err}")
+    finally:
+        db.dispose()
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from dicom_node.admin import deep_check
+    from dicom_node.config import ConfigError, effective_toml, load_config
+
+    try:
+        cfg = load_config(args.path)
+        errors = deep_check(cfg)
+        code = 2
+    except ConfigError as exc:
+        errors = exc.errors
+        keys = {key for key, _ in exc.errors}
+        code = 3 if keys == {"(file)"} else 4 if keys == {"(syntax)"} else 2
+    if errors:
+        print(f"{args.path}: {len(errors)} error(s)", file=sys.stderr)
+        for key, msg in errors:
+            print(f"  {key}: {msg}", file=sys.stderr)
+        return code
+    print(f"# {args.path}: valid; effective configuration (defaults and environment applied)")
+    print(effective_toml(cfg), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctmtl-node",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "serve",
+        help="run the node: storage SCP, completion, worker and exporter",
+        description="Run the node until SIGTERM/SIGINT. Without --config the embedded "
+        "defaults are used (AE CTMTL on 127.0.0.1:11112, SQLite + spool under ./var).",
+    )
+    p.add_argument("--config", help="node TOML config (see config/node.toml)")
+    p.add_argument("--port", type=int, help="override node.port")
+    p.add_argument("--no-worker", action="store_true", help="receive and queue only")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "process",
+        help="process one series folder offline and print one JSON line",
+        description="Read the DICOM files of one CT series from SERIES_DIR, write its SEG "
+        "and SR into --out and print a JSON line with series_instance_uid, "
+        "covid_probability, lesion_volume_ml, lung_involvement_percent, seg_path, sr_path. "
+        "No network, no database. Exit 3 when the series is rejected.",
+    )
+    p.add_argument("series_dir", metavar="SERIES_DIR")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", help="model checkpoint (default: the shipped one)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(func=cmd_process)
+
+    p = sub.add_parser(
+        "echo",
+        help="C-ECHO a destination (name from the config, or AE@host:port)",
+        description="Verify a peer: TARGET is a destination name from --config or "
+        "AE@host:port. Exit 0 when the peer answers with success.",
+    )
+    p.add_argument("target", metavar="DEST|AE@host:port")
+    p.add_argument("--config", help="node TOML config (for destination names and our AE)")
+    p.add_argument("--calling-ae", help="calling AE title (default: node.ae_title or CTMTL)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser(
+        "status",
+        help="recent series and their jobs: state, reason, timings, deliveries",
+        description="Read the node database named by --config and list recent series.",
+    )
+    p.add_argument("--config", help="node TOML config (default: embedded defaults)")
+    p.add_argument("--limit", type=int, default=20, help="series to show (default 20)")
+    p.add_argument(
+        "--state",
+        help="only series in this state (receiving, queued, processing, done, rejected, failed)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    c = csub.add_parser(
+        "check",
+        help="validate a config file and print the effective configuration",
+        description="Exit 0 and print the effective config, or exit 2 and print every "
+        "error with its key path.",
+    )
+    c.add_argument("path", metavar="PATH")
+    c.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser(
+        "worker",
+        help="run a worker alone (no SCP): claims jobs from the shared database",
+        description="Scale-out: run one worker process (one per GPU) against the database "
+        "and spool of --config (PostgreSQL and a shared spool path for several hosts). "
+        "Also sends results unless --no-export. Stops cleanly on SIGTERM after its job.",
+    )
+    p.add_argument("--config", required=True, help="node TOML config")
+    p.add_argument("--no-export", action="store_true", help="leave sending to other nodes")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "destinations",
+        help="list configured destinations and their routing; --echo verifies each",
+    )
+    p.add_argument("--config", help="node TOML config")
+    p.add_argument(
+        "--echo", action="store_true", help="C-ECHO each destination (exit 1 if any fails)"
+    )
+    p.set_defaults(func=cmd_destinations)
+
+    p = sub.add_parser(
+        "retry",
+        help="queue a finished (failed, rejected or done) job again",
+        description="Adds a new job for the job's series; the running workers pick it up.",
+    )
+    p.add_argument("job", type=int, metavar="JOB", help="job id (see status)")
+    p.add_argument("--config", help="node TOML config")
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser(
+        "resend",
+        help="send the latest result of a series again",
+        description="Queues the SEG and SR of the series' latest result for its routed "
+        "destinations (or --to NAME ...); the running node's exporter sends them.",
+    )
+    p.add_argument("series", metavar="SERIES_UID", help="Series Instance UID of the CT series")
+    p.add_argument("--to", action="append", metavar="DEST", help="destination name (repeatable)")
+    p.add_argument("--config", help="node TOML config")
+    p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser(
+        "purge",
+        help="delete spooled files of finished series older than a duration",
+        description="Removes received instances and results of done/rejected/failed series "
+        "last received before now minus --older-than (e.g. 30d, 12h); rows stay as audit trail.",
+    )
+    p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 7d, 12h, 30m")
+    p.add_argument("--config", help="node TOML config")
+    p.set_defaults(func=cmd_purge)
+
+    p = sub.add_parser("db", help="database tools")
+    dsub = p.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
+    d = dsub.add_parser(
+        "upgrade",
+        help="apply the database migrations (alembic) up to this version's schema",
+    )
+    d.add_argument("--config", help="node TOML config (database.url)")
+    d.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,461 @@
+"""The node's configuration: one TOML file, validated with pydantic, env overrides.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key is an error
+with its key path rather than a silently ignored setting. Environment variables override
+keys as `CTMTL_<SECTION>__<KEY>[__<SUBKEY>...]` (e.g. `CTMTL_NODE__PORT=11113`,
+`CTMTL_DATABASE__URL=postgresql://...`); values are parsed as TOML scalars/arrays when
+they parse, else taken as strings. Relative paths are resolved against the folder of the
+config file, so the example works from any working directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dicom_node.results import ResultOptions
+from dicom_node.selection import SelectionRules
+from dicom_node.tls import InboundTLSSettings, TLSSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "CTMTL_"
+SENDER = "sender"  # routing target: the destination configured for the calling AE
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def validate_ae_title(value: str) -> str:
+    """DICOM AE title rules: 1-16 characters, no backslash or control characters.
+
+    Leading/trailing spaces are not significant in AE titles and are removed.
+    """
+    if not isinstance(value, str):
+        raise ValueError("AE title must be a string")
+    if _CONTROL.search(value):
+        raise ValueError("AE title must not contain control characters")
+    if "\\" in value:
+        raise ValueError("AE title must not contain a backslash")
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError("AE title must not be empty or all spaces")
+    if len(stripped) > 16:
+        raise ValueError(f"AE title {stripped!r} is longer than 16 characters")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(validate_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSection(_Section):
+    """`[node]`: the node's own application entity."""
+
+    ae_title: AETitle = "CTMTL"
+    bind: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 = all)")
+    port: int = Field(11112, ge=0, le=65535, description="0 = any free port")
+    max_associations: int = Field(16, ge=1)
+    max_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    require_called_ae_title: bool = Field(
+        True, description="refuse associations addressed to another AE title"
+    )
+    tls: InboundTLSSettings = Field(default_factory=InboundTLSSettings)
+    stop_timeout_s: float = Field(
+        120.0, ge=0, description="on SIGTERM, wait this long for running associations"
+    )
+
+    @model_validator(mode="after")
+    def _tls_port(self) -> NodeSection:
+        if self.tls.enabled and self.tls.port and self.tls.port == self.port:
+            raise ValueError("node.tls.port must differ from node.port (or be left out)")
+        return self
+
+
+class AllowedCaller(_Section):
+    """One peer allowed to send: its AE title, optionally pinned to a host address."""
+
+    ae_title: AETitle
+    host: str | None = Field(None, description="IP address the association must come from")
+    require_tls: bool = Field(False, description="refuse this caller on the plain (non-TLS) port")
+
+
+#: Per-destination TLS; the model lives in `dicom_node.tls` (kept under its old name).
+TLSSection = TLSSettings
+
+
+class Destination(_Section):
+    """A peer that receives results (C-STORE SCP), usually the PACS."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: AETitle
+    host: str
+    port: Port
+    calling_ae_title: AETitle | None = Field(
+        None, description="AE title the node uses towards this peer (default: node.ae_title)"
+    )
+    timeout_s: float = Field(30.0, gt=0)
+    tls: TLSSection = Field(default_factory=TLSSection)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == SENDER:
+            raise ValueError(f"{SENDER!r} is reserved for routing")
+        return value
+
+
+class RoutingSection(_Section):
+    """`[routing]`: which destinations get the results of a series.
+
+    Targets are destination names, or "sender" = the destination whose AE title equals the
+    calling AE title of the association that delivered the series.
+    """
+
+    default: list[str] = Field(default_factory=lambda: [SENDER])
+    by_calling_ae: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("by_calling_ae")
+    @classmethod
+    def _keys_are_ae_titles(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {validate_ae_title(k): v for k, v in value.items()}
+
+
+class CompletionSection(_Section):
+    """`[completion]`: when a series counts as complete."""
+
+    idle_seconds: float = Field(10.0, gt=0, description="no new instance for this long")
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class ModelSection(_Section):
+    """`[model]`: the checkpoint the worker loads (None = the shipped one)."""
+
+    checkpoint: Path | None = None
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    batch_size: int = Field(16, ge=1)
+    compile: bool = False
+
+
+class MetricsSection(_Section):
+    """`[metrics]`: Prometheus /metrics and /healthz, /readyz over HTTP (no TLS, no auth:
+    keep it on loopback or a management network)."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(9150, ge=0, le=65535, description="0 = any free port")
+
+
+class DatabaseSection(_Section):
+    """`[database]`: any SQLAlchemy URL; empty = SQLite file in the spool folder."""
+
+    url: str | None = None
+    echo: bool = False
+
+
+class SpoolSection(_Section):
+    """`[spool]`: where received instances and results are kept, and for how long."""
+
+    path: Path = Path("var/spool")
+    retention_days: float | None = Field(
+        7.0, ge=0, description="delete files of finished series after this; none = keep"
+    )
+    min_free_mb: float = Field(1024.0, ge=0, description="refuse instances below this")
+
+
+class WorkerSection(_Section):
+    """`[worker]`: job execution in this process."""
+
+    enabled: bool = True
+    lease_seconds: float = Field(300.0, gt=0)
+    poll_interval_s: float = Field(1.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    retry_delay_s: float = Field(30.0, ge=0)
+
+
+class ExportSection(_Section):
+    """`[export]`: C-STORE of results, retried with exponential backoff."""
+
+    enabled: bool = True
+    max_attempts: int = Field(8, ge=1)
+    initial_backoff_s: float = Field(5.0, ge=0)
+    max_backoff_s: float = Field(600.0, ge=0)
+    poll_interval_s: float = Field(1.0, gt=0)
+    lease_seconds: float = Field(300.0, gt=0)
+    max_parallel: int = Field(4, ge=1, description="destinations served at the same time")
+
+
+class NodeConfig(_Section):
+    """The whole file. `source` is where it was read from (None for pure defaults)."""
+
+    node: NodeSection = Field(default_factory=NodeSection)
+    allowed_callers: list[AllowedCaller] = Field(
+        default_factory=list, description="empty = any calling AE title"
+    )
+    destinations: list[Destination] = Field(default_factory=list)
+    routing: RoutingSection = Field(default_factory=RoutingSection)
+    selection: SelectionRules = Field(default_factory=SelectionRules)
+    completion: CompletionSection = Field(default_factory=CompletionSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
+    spool: SpoolSection = Field(default_factory=SpoolSection)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    results: ResultOptions = Field(default_factory=ResultOptions)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+
+    @model_validator(mode="after")
+    def _references(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names are not unique: {dupes}")
+        known = set(names) | {SENDER}
+        targets = list(self.routing.default)
+        for ae, lst in self.routing.by_calling_ae.items():
+            targets += lst
+            if self.allowed_callers and ae not in {c.ae_title for c in self.allowed_callers}:
+                raise ValueError(f"routing.by_calling_ae names {ae!r}, not an allowed caller")
+        unknown = sorted(set(targets) - known)
+        if unknown:
+            raise ValueError(f"routing names unknown destination(s) {unknown}")
+        tls_callers = [c.ae_title for c in self.allowed_callers if c.require_tls]
+        if tls_callers and not self.node.tls.enabled:
+            raise ValueError(f"allowed callers {tls_callers} require TLS but node.tls is off")
+        return self
+
+    # ----------------------------------------------------------------- helpers
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.spool.path / 'ctmtl-node.db').as_posix()}"
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(f"no destination named {name!r}")
+
+    def destination_for_ae(self, ae_title: str) -> Destination | None:
+        for dest in self.destinations:
+            if dest.ae_title == ae_title.strip():
+                return dest
+        return None
+
+    def route(self, calling_ae: str | None) -> tuple[list[Destination], list[str]]:
+        """Destinations for results of a series sent by `calling_ae`, plus problems found."""
+        targets = self.routing.by_calling_ae.get((calling_ae or "").strip(), self.routing.default)
+        out: list[Destination] = []
+        problems: list[str] = []
+        for target in targets:
+            if target == SENDER:
+                dest = self.destination_for_ae(calling_ae or "")
+                if dest is None:
+                    problems.append(f"no destination configured for calling AE {calling_ae!r}")
+                    continue
+            else:
+                dest = self.destination(target)
+            if dest.name not in {d.name for d in out}:
+                out.append(dest)
+        return out, problems
+
+    def caller_allowed(self, ae_title: str, host: str | None) -> bool:
+        if not self.allowed_callers:
+            return True
+        for caller in self.allowed_callers:
+            if caller.ae_title == ae_title.strip() and (caller.host in (None, host)):
+                return True
+        return False
+
+    def caller_requires_tls(self, ae_title: str, host: str | None) -> bool:
+        """True when the matching allowed-caller entry demands TLS."""
+        return any(
+            c.require_tls and c.ae_title == ae_title.strip() and c.host in (None, host)
+            for c in self.allowed_callers
+        )
+
+
+class ConfigError(Exception):
+    """A config that cannot be read or validated; `errors` lists `(key path, message)`."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
+        super().__init__(f"invalid configuration {source}:\n{lines}")
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nested dict from `CTMTL_SECTION__KEY=value` variables (others are ignored)."""
+    out: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if any(not p for p in parts):
+            continue
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[parts[-1]] = _parse_env_value(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
+    cfg.spool.path = _resolve(cfg.spool.path, base) or cfg.spool.path
+    cfg.model.checkpoint = _resolve(cfg.model.checkpoint, base)
+    for tls in [cfg.node.tls, *(dest.tls for dest in cfg.destinations)]:
+        for key in ("ca_file", "cert_file", "key_file"):
+            setattr(tls, key, _resolve(getattr(tls, key), base))
+    url = cfg.database.url
+    if url and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        rel = url[len("sqlite:///") :]
+        if rel and rel != ":memory:":
+            cfg.database.url = f"sqlite:///{(base / rel).resolve().as_posix()}"
+    return cfg
+
+
+def _errors(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        out.append((path, err["msg"]))
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Read, merge env overrides, validate and resolve paths; raise `ConfigError`.
+
+    `path=None` gives the embedded defaults, with relative paths resolved against the
+    current directory.
+    """
+    source = str(path) if path is not None else "(defaults)"
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(source, [("(file)", "file not found")]) from None
+        except OSError as exc:
+            raise ConfigError(source, [("(file)", str(exc))]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, [("(syntax)", str(exc))]) from None
+        base = p.resolve().parent
+    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        cfg = NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _errors(exc)) from None
+    return _resolve_paths(cfg, base)
+
+
+def effective_toml(cfg: NodeConfig) -> str:
+    """The effective config as TOML-like text (for `config check`)."""
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    data["database"]["url"] = cfg.database_url
+    return _to_toml(data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return _toml_value(str(value))
+
+
+def _key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        is_table_list = (
+            isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+        )
+        if isinstance(value, dict) or is_table_list:
+            tables.append((key, value))
+        else:
+            lines.append(f"{_key(key)} = {_toml_value(value)}")
+    for key, value in tables:
+        name = f"{prefix}{_key(key)}"
+        if isinstance(value, dict):
+            lines += ["", f"[{name}]", _to_toml(value, name + ".").strip("\n")]
+        else:
+            for item in value:
+                lines += ["", f"[[{name}]]", _to_toml(item, name + ".").strip("\n")]
+    return "\n".join(line for line in lines if line is not None) + "\n"

@@ -1,0 +1,551 @@
+"""The node's database: studies, series, instances, jobs, results and deliveries.
+
+SQLAlchemy 2 ORM, SQLite by default and any SQLAlchemy URL otherwise (PostgreSQL for
+several workers). Tables are created by the alembic migrations in `dicom_node/migrations`
+(`Database.upgrade`), never by `create_all`, so a site's database can be moved forward.
+
+Work is handed out by *claiming* rows: a job (or delivery) is taken by setting its state,
+owner and lease expiry in one statement that only matches while the row is still free or
+its lease has expired. On PostgreSQL the candidate row is first locked with
+`FOR UPDATE SKIP LOCKED`, so concurrent workers never wait on each other; on SQLite every
+transaction starts with `BEGIN IMMEDIATE`, which serialises writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    event,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC (why: SQLite drops time zones, so every timestamp is stored naive UTC)."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class SeriesState:
+    RECEIVING = "receiving"  # instances arriving; completion waits for it to go idle
+    QUEUED = "queued"  # passed the rules, a job waits
+    PROCESSING = "processing"
+    DONE = "done"
+    REJECTED = "rejected"  # failed the selection rules or the geometry checks
+    FAILED = "failed"  # processing error after the last attempt
+
+
+class JobState:
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # a newer job for the same series replaced it before it ran
+
+    FINAL = (DONE, REJECTED, FAILED, SUPERSEDED)
+
+
+class DeliveryState:
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # its result was superseded by a newer one before it went out
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    calling_host: Mapped[str | None] = mapped_column(String(255))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True, default=SeriesState.RECEIVING)
+    reason: Mapped[str | None] = mapped_column(Text)
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    received_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+    jobs: Mapped[list[Job]] = relationship(back_populates="series", order_by="Job.id")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    times_received: Mapped[int] = mapped_column(Integer, default=1)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    not_before: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, index=True)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    series: Mapped[Series] = relationship(back_populates="jobs")
+    result: Mapped[Result | None] = relationship(back_populates="job")
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    covid_probability: Mapped[float] = mapped_column(Float)
+    lesion_volume_ml: Mapped[float] = mapped_column(Float)
+    lung_volume_ml: Mapped[float | None] = mapped_column(Float)
+    lung_involvement_percent: Mapped[float | None] = mapped_column(Float)
+    seg_path: Mapped[str] = mapped_column(Text)
+    sr_path: Mapped[str] = mapped_column(Text)
+    extra_paths: Mapped[list[str] | None] = mapped_column(JSON)
+    seg_series_uid: Mapped[str | None] = mapped_column(String(64))
+    seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sr_series_uid: Mapped[str | None] = mapped_column(String(64))
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="result")
+    deliveries: Mapped[list[Delivery]] = relationship(
+        back_populates="result", order_by="Delivery.id"
+    )
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "destination", name="uq_delivery_dest"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    result: Mapped[Result] = relationship(back_populates="deliveries")
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL + busy timeout, and BEGIN IMMEDIATE so concurrent writers queue, not fail."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        except Exception:  # in-memory databases cannot use WAL
+            logger.debug("WAL journal mode not available", exc_info=True)
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    """Engine + session factory for one URL; `upgrade()` brings the schema to head."""
+
+    def __init__(self, url: str, echo: bool = False) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            if url.startswith("sqlite:///") and url not in ("sqlite://", "sqlite:///:memory:"):
+                Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine = create_engine(url, **kwargs)
+        if self.engine.dialect.name == "sqlite":
+            _sqlite_setup(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        session = self._sessions()
+        try:
+            with session.begin():
+                yield session
+        finally:
+            session.close()
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Run the alembic migrations (start-up and `db upgrade`).
+
+        On PostgreSQL a transaction-scoped advisory lock serialises processes that start
+        together (SCP nodes and workers at boot): the first migrates, the others then
+        find the schema at head.
+        """
+        from alembic import command
+
+        with self.engine.begin() as connection:
+            if self.dialect == "postgresql":
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7425311)")
+            cfg = alembic_config(self.url)
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config(url: str) -> Any:
+    """An alembic Config pointing at the packaged migrations (no alembic.ini needed)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the SCP knows about one stored instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str | None
+    path: str
+    size: int
+    sha256: str
+    modality: str | None = None
+    calling_ae: str | None = None
+    calling_host: str | None = None
+    called_ae: str | None = None
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    series_id: int
+    new_instance: bool
+    content_changed: bool  # False for an identical re-send
+    series_reopened: bool  # the series had left `receiving` and goes back to it
+
+
+def record_instance(
+    db: Database, rec: InstanceRecord, now: dt.datetime | None = None
+) -> IngestOutcome:
+    """Add or refresh the rows for one received instance (idempotent on SOP Instance UID).
+
+    An identical re-send changes nothing but counters. A new or changed instance in a
+    series that already left `receiving` (queued, processed, rejected) reopens it, so
+    completion makes a new job once the series is idle again.
+    """
+    for attempt in range(3):
+        try:
+            with db.session() as s:
+                return _record_instance(s, rec, now or utcnow())
+        except IntegrityError:  # a concurrent association inserted the same study/series
+            if attempt == 2:
+                raise
+            logger.debug("retrying instance row after a concurrent insert", exc_info=True)
+    raise AssertionError("unreachable")
+
+
+def _record_instance(s: Session, rec: InstanceRecord, now: dt.datetime) -> IngestOutcome:
+    study = s.scalars(select(Study).where(Study.study_instance_uid == rec.study_uid)).first()
+    if study is None:
+        study = Study(study_instance_uid=rec.study_uid, created_at=now)
+        s.add(study)
+        s.flush()
+    series = s.scalars(select(Series).where(Series.series_instance_uid == rec.series_uid)).first()
+    if series is None:
+        series = Series(
+            study_id=study.id,
+            series_instance_uid=rec.series_uid,
+            modality=rec.modality,
+            state=SeriesState.RECEIVING,
+            n_instances=0,
+            received_bytes=0,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        s.add(series)
+        s.flush()
+    inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == rec.sop_uid)).first()
+    new_instance = inst is None
+    changed = True
+    if inst is None:
+        inst = Instance(
+            series_id=series.id,
+            sop_instance_uid=rec.sop_uid,
+            sop_class_uid=rec.sop_class_uid,
+            transfer_syntax_uid=rec.transfer_syntax_uid,
+            path=rec.path,
+            size=rec.size,
+            sha256=rec.sha256,
+            received_at=now,
+            times_received=1,
+        )
+        s.add(inst)
+        series.n_instances = (series.n_instances or 0) + 1
+        series.received_bytes = (series.received_bytes or 0) + rec.size
+    else:
+        changed = inst.sha256 != rec.sha256 or inst.series_id != series.id
+        inst.times_received += 1
+        if changed:
+            series.received_bytes = (series.received_bytes or 0) + rec.size - inst.size
+            inst.sop_class_uid = rec.sop_class_uid
+            inst.transfer_syntax_uid = rec.transfer_syntax_uid
+            inst.path = rec.path
+            inst.size = rec.size
+            inst.sha256 = rec.sha256
+            inst.received_at = now
+    series.calling_ae = rec.calling_ae
+    series.calling_host = rec.calling_host
+    series.called_ae = rec.called_ae
+    if rec.modality and not series.modality:
+        series.modality = rec.modality
+    reopened = False
+    if series.state == SeriesState.RECEIVING:
+        series.last_received_at = now
+    elif changed:
+        reopened = True
+        series.state = SeriesState.RECEIVING
+        series.reason = None
+        series.last_received_at = now
+        series.purged_at = None
+    return IngestOutcome(series.id, new_instance, changed, reopened)
+
+
+# --------------------------------------------------------------------------- claiming
+
+
+def _claimable_job(now: dt.datetime) -> ColumnElement[bool]:
+    return or_(
+        and_(
+            Job.state == JobState.QUEUED,
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+        ),
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+    )
+
+
+def claim_job(
+    db: Database,
+    owner: str,
+    lease_seconds: float,
+    max_attempts: int,
+    now: dt.datetime | None = None,
+) -> int | None:
+    """Take the oldest claimable job for `owner`; return its id or None.
+
+    A `running` job whose lease expired (its worker died) is claimable again; one that
+    already used `max_attempts` is failed instead of being retried forever.
+    """
+    now = now or utcnow()
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    with db.session() as s:
+        query = select(Job).where(_claimable_job(now)).order_by(Job.id).limit(8)
+        if db.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        for job in s.scalars(query).all():
+            if job.attempts >= max_attempts:
+                lost = job.state == JobState.RUNNING
+                job.state = JobState.FAILED
+                job.finished_at = now
+                job.error = (job.error or "") + (
+                    f" worker lost the job {job.attempts} times" if lost else ""
+                )
+                job.lease_owner = None
+                series = s.get(Series, job.series_id)
+                if series is not None and series.state == SeriesState.PROCESSING:
+                    series.state = SeriesState.FAILED
+                    series.reason = f"processing failed after {job.attempts} attempts"
+                logger.error("job %s failed after %s attempts", job.id, job.attempts)
+                continue
+            taken_over = job.state == JobState.RUNNING
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job.id, _claimable_job(now))
+                .values(
+                    state=JobState.RUNNING,
+                    lease_owner=owner,
+                    lease_expires_at=expires,
+                    attempts=Job.attempts + 1,
+                    started_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                if taken_over:
+                    logger.warning(
+                        "job %s: lease of %s expired, taken over by %s",
+                        job.id,
+                        job.lease_owner,
+                        owner,
+                    )
+                return job.id
+    return None
+
+
+def renew_job_lease(db: Database, job_id: int, owner: str, lease_seconds: float) -> bool:
+    """Push the lease forward while working; False means another worker owns the job now."""
+    with db.session() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
+            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+        )
+        return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def _claimable_delivery(now: dt.datetime) -> ColumnElement[bool]:
+    return or_(
+        and_(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now),
+        and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_expires_at < now),
+    )
+
+
+def claim_deliveries(
+    db: Database,
+    owner: str,
+    lease_seconds: float,
+    limit: int,
+    exclude_destinations: set[str] | None = None,
+    now: dt.datetime | None = None,
+) -> list[int]:
+    """Claim due deliveries, at most one per destination (one slow peer never blocks another)."""
+    now = now or utcnow()
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    taken: list[int] = []
+    busy = set(exclude_destinations or ())
+    with db.session() as s:
+        query = (
+            select(Delivery)
+            .where(_claimable_delivery(now))
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+        )
+        if db.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        for d in s.scalars(query.limit(200)).all():
+            if len(taken) >= limit:
+                break
+            if d.destination in busy:
+                continue
+            res = s.execute(
+                update(Delivery)
+                .where(Delivery.id == d.id, _claimable_delivery(now))
+                .values(
+                    state=DeliveryState.SENDING,
+                    lease_owner=owner,
+                    lease_expires_at=expires,
+                    attempts=Delivery.attempts + 1,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                taken.append(d.id)
+                busy.add(d.destination)
+    return taken

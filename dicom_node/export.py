@@ -1,0 +1,342 @@
+"""Export: C-STORE of results (SEG, SR, optional extras) to the configured destinations.
+
+Each (result, destination) pair is one `deliveries` row with its own state, attempt
+count, next attempt time and last error. The exporter claims due rows, at most one per
+destination at a time, and sends them on a small thread pool without waiting for the
+others, so a destination that is down or slow (connect timeouts) never delays another.
+A failed attempt is retried with exponential backoff
+(`initial_backoff_s * 2**(attempt-1)`, capped at `max_backoff_s`) until `max_attempts`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import select
+
+from dicom_node.config import Destination, NodeConfig
+from dicom_node.db import Database, Delivery, DeliveryState, Result, claim_deliveries, utcnow
+from dicom_node.metrics import NodeMetrics
+from dicom_node.tls import TLSSettings, tls_args
+
+logger = logging.getLogger(__name__)
+
+#: C-STORE warning statuses that still mean "stored" (coercion, elements discarded, ...)
+_WARNINGS_OK = {0x0001, 0xB000, 0xB006, 0xB007}
+
+
+class ExportError(RuntimeError):
+    """A destination could not be reached or did not store every object."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where to send: the subset of a destination needed for one association."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str
+    timeout_s: float = 30.0
+    tls: TLSSettings | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        secure = " (TLS)" if self.tls is not None and self.tls.enabled else ""
+        return f"{self.ae_title}@{self.host}:{self.port}{secure}"
+
+    def tls_args(self) -> Any:
+        """`tls_args` for `AE.associate` (None = plain TCP); raises `TLSConfigError`."""
+        return tls_args(self.tls, self.host)
+
+
+def peer_for(dest: Destination, node_ae: str) -> Peer:
+    return Peer(
+        dest.ae_title,
+        dest.host,
+        dest.port,
+        dest.calling_ae_title or node_ae,
+        dest.timeout_s,
+        dest.tls if dest.tls.enabled else None,
+    )
+
+
+def _ae(calling_ae: str, timeout_s: float) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    return ae
+
+
+def echo(peer: Peer) -> tuple[bool, str]:
+    """C-ECHO: (ok, what happened) for the CLI and health checks."""
+    ae = _ae(peer.calling_ae_title, peer.timeout_s)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    t0 = time.perf_counter()
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=peer.tls_args())
+    except (OSError, ValueError) as exc:  # ValueError: TLSConfigError (files, key)
+        return False, f"C-ECHO {peer}: {exc}"
+    if not assoc.is_established:
+        return False, _association_failure(assoc, peer)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    ms = 1000 * (time.perf_counter() - t0)
+    if status is not None and status.Status == 0x0000:
+        return True, f"C-ECHO {peer}: success ({ms:.0f} ms)"
+    code = f"0x{int(status.Status):04X}" if status is not None and "Status" in status else "none"
+    return False, f"C-ECHO {peer}: status {code}"
+
+
+def _association_failure(assoc: object, peer: Peer) -> str:
+    if getattr(assoc, "is_rejected", False):
+        return f"association with {peer} rejected (check AE titles / allowed callers)"
+    if getattr(assoc, "is_aborted", False):
+        return f"association with {peer} aborted or no answer"
+    return f"cannot associate with {peer}"
+
+
+def send_files(peer: Peer, files: Sequence[Path]) -> list[str]:
+    """C-STORE `files` over one association; raise `ExportError` unless all were stored.
+
+    Returns the SOP Instance UIDs stored. Each object is offered in its own transfer
+    syntax plus explicit/implicit VR little endian.
+    """
+    datasets = [pydicom.dcmread(f) for f in files]
+    ae = _ae(peer.calling_ae_title, peer.timeout_s)
+    contexts: dict[str, list[str]] = {}
+    for ds in datasets:
+        syntaxes = contexts.setdefault(str(ds.SOPClassUID), [])
+        for ts in (
+            str(ds.file_meta.TransferSyntaxUID),
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+        ):
+            if ts not in syntaxes:
+                syntaxes.append(ts)
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, syntaxes)
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=peer.tls_args())
+    except OSError as exc:
+        raise ExportError(f"cannot connect to {peer}: {exc}") from exc
+    if not assoc.is_established:
+        raise ExportError(_association_failure(assoc, peer))
+    stored: list[str] = []
+    try:
+        for ds, path in zip(datasets, files, strict=True):
+            status = assoc.send_c_store(ds)
+            if status is None or "Status" not in status:
+                raise ExportError(f"{peer}: no C-STORE response for {path.name} (timeout or abort)")
+            code = int(status.Status)
+            if code != 0x0000 and code not in _WARNINGS_OK:
+                comment = status.get("ErrorComment", "")
+                raise ExportError(
+                    f"{peer}: C-STORE of {path.name} failed, status 0x{code:04X} {comment}"
+                )
+            if code != 0x0000:
+                logger.warning("%s stored %s with warning 0x%04X", peer, path.name, code)
+            stored.append(str(ds.SOPInstanceUID))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return stored
+
+
+def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
+    """Delay after the `attempt`-th failed attempt (1-based)."""
+    return float(min(maximum, initial * 2 ** max(0, attempt - 1)))
+
+
+def queue_deliveries(
+    session: object, result: Result, destinations: Sequence[Destination]
+) -> list[Delivery]:
+    """Add one pending delivery per destination for `result` (inside the caller's session)."""
+    rows = []
+    for dest in destinations:
+        row = Delivery(
+            result_id=result.id,
+            destination=dest.name,
+            ae_title=dest.ae_title,
+            host=dest.host,
+            port=dest.port,
+            state=DeliveryState.PENDING,
+            attempts=0,
+            next_attempt_at=utcnow(),
+        )
+        session.add(row)  # type: ignore[attr-defined]
+        rows.append(row)
+    return rows
+
+
+class Exporter:
+    """Sends due deliveries; `run_once()` for tests, `run()` as the node's thread."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        db: Database,
+        owner: str | None = None,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.metrics = metrics or NodeMetrics()
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:export"
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.export.max_parallel, thread_name_prefix="export"
+        )
+        self._in_flight: dict[str, Future[None]] = {}
+        self._lock = threading.Lock()
+
+    def _peer(self, d: Delivery) -> Peer:
+        node_ae = self.config.node.ae_title
+        try:
+            dest = self.config.destination(d.destination)
+        except KeyError:  # removed from the config since: use what was queued
+            return Peer(d.ae_title, d.host, d.port, node_ae)
+        return peer_for(dest, node_ae)
+
+    def dispatch(self) -> int:
+        """Claim due deliveries for idle destinations and start sending them."""
+        with self._lock:
+            for name in [n for n, f in self._in_flight.items() if f.done()]:
+                del self._in_flight[name]
+            busy = set(self._in_flight)
+        free = self.config.export.max_parallel - len(busy)
+        if free <= 0:
+            return 0
+        ids = claim_deliveries(
+            self.db, self.owner, self.config.export.lease_seconds, free, exclude_destinations=busy
+        )
+        for delivery_id in ids:
+            with self.db.session() as s:
+                name = s.get(Delivery, delivery_id).destination  # type: ignore[union-attr]
+            future = self._pool.submit(self.deliver, delivery_id)
+            with self._lock:
+                self._in_flight[name] = future
+        return len(ids)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the deliveries in flight (tests, shutdown)."""
+        with self._lock:
+            futures = list(self._in_flight.values())
+        for f in futures:
+            f.result(timeout=timeout)
+
+    def run_once(self) -> int:
+        n = self.dispatch()
+        self.wait()
+        return n
+
+    def deliver(self, delivery_id: int) -> None:
+        """One attempt of one delivery; updates its row whatever happens."""
+        with self.db.session() as s:
+            d = s.get(Delivery, delivery_id)
+            if d is None:
+                return
+            result = s.get(Result, d.result_id)
+            assert result is not None
+            files = [Path(result.seg_path), Path(result.sr_path)]
+            files += [Path(p) for p in (result.extra_paths or [])]
+            peer = self._peer(d)
+            attempt = d.attempts
+            name = d.destination
+        t0 = time.perf_counter()
+        error: str | None = None
+        try:
+            send_files(peer, files)
+        except ExportError as exc:
+            error = str(exc)
+        except Exception as exc:  # unreadable file, encoding error, ...
+            error = f"{type(exc).__name__}: {exc}"
+        seconds = time.perf_counter() - t0
+        self.metrics.delivery(name, error is None)
+        if error is None:
+            self.metrics.observe_stage("send", seconds)
+        cfg = self.config.export
+        with self.db.session() as s:
+            d = s.get(Delivery, delivery_id)
+            assert d is not None
+            if d.lease_owner != self.owner or d.state != DeliveryState.SENDING:
+                logger.warning("delivery %s was taken over meanwhile; not updating", delivery_id)
+                return
+            d.lease_owner = None
+            d.lease_expires_at = None
+            if error is None:
+                d.state = DeliveryState.DONE
+                d.delivered_at = utcnow()
+                d.last_error = None
+                logger.info(
+                    "result %s delivered to %s (%s), %d objects in %.2f s",
+                    d.result_id,
+                    name,
+                    peer,
+                    len(files),
+                    seconds,
+                )
+            elif attempt >= cfg.max_attempts:
+                d.state = DeliveryState.FAILED
+                d.last_error = error
+                logger.error(
+                    "delivery of result %s to %s failed for good after %d attempts: %s",
+                    d.result_id,
+                    name,
+                    attempt,
+                    error,
+                )
+            else:
+                delay = backoff_seconds(attempt, cfg.initial_backoff_s, cfg.max_backoff_s)
+                d.state = DeliveryState.PENDING
+                d.last_error = error
+                d.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+                logger.warning(
+                    "delivery of result %s to %s failed (attempt %d/%d), retry in %.0f s: %s",
+                    d.result_id,
+                    name,
+                    attempt,
+                    cfg.max_attempts,
+                    delay,
+                    error,
+                )
+
+    def pending(self) -> int:
+        with self.db.session() as s:
+            return len(
+                s.scalars(
+                    select(Delivery.id).where(
+                        Delivery.state.in_((DeliveryState.PENDING, DeliveryState.SENDING))
+                    )
+                ).all()
+            )
+
+    def run(self, stop: threading.Event) -> None:
+        logger.info("exporter started")
+        while not stop.is_set():
+            try:
+                self.dispatch()
+            except Exception:
+                logger.exception("export dispatch failed")
+            stop.wait(self.config.export.poll_interval_s)
+        self.close()
+        logger.info("exporter stopped")
+
+    def close(self) -> None:
+        """Let running sends finish (bounded by their timeouts), then stop the pool."""
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,134 @@
+"""The spool: received instances and produced results on local (or shared) disk.
+
+Paths are built only from UIDs that passed `validate_uid` (digits and dots), so nothing a
+peer sends can steer a write outside the spool. Writes go to a temp file in the target
+folder and are renamed into place (`os.replace`), so a reader never sees half a file and a
+re-sent instance replaces the old copy atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class InvalidUID(ValueError):
+    """A UID that is missing, too long or has characters other than digits and dots."""
+
+
+class SpoolFull(OSError):
+    """Less free space than the configured minimum: refuse before writing."""
+
+
+def validate_uid(value: object, name: str = "UID") -> str:
+    """Return the UID as a clean string or raise `InvalidUID` (why: it becomes a path part)."""
+    if value is None:
+        raise InvalidUID(f"{name} is missing")
+    uid = str(value).strip().rstrip("\x00").strip()
+    if not uid:
+        raise InvalidUID(f"{name} is empty")
+    if len(uid) > 64:
+        raise InvalidUID(f"{name} is longer than 64 characters")
+    if not _UID_RE.match(uid):
+        raise InvalidUID(f"{name} {uid[:70]!r} is not a valid UID")
+    return uid
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where an instance landed, its size and content hash, and whether it replaced a copy."""
+
+    path: Path
+    size: int
+    sha256: str
+    replaced: bool
+
+
+class Spool:
+    """Folder layout: incoming/<study>/<series>/<sop>.dcm and results/<series>/<job>/."""
+
+    def __init__(self, root: Path, min_free_mb: float = 0.0) -> None:
+        self.root = Path(root)
+        self.min_free_mb = min_free_mb
+        self.incoming = self.root / "incoming"
+        self.results = self.root / "results"
+
+    def ensure(self) -> None:
+        """Create the top folders (start-up; fails early on a read-only spool)."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.results.mkdir(parents=True, exist_ok=True)
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return (
+            self.incoming
+            / validate_uid(study_uid, "Study Instance UID")
+            / validate_uid(series_uid, "Series Instance UID")
+        )
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        sop = validate_uid(sop_uid, "SOP Instance UID")
+        return self.series_dir(study_uid, series_uid) / f"{sop}.dcm"
+
+    def result_dir(self, series_uid: str, job_id: int) -> Path:
+        return self.results / validate_uid(series_uid, "Series Instance UID") / f"job-{job_id}"
+
+    def free_mb(self) -> float:
+        target = self.root if self.root.exists() else self.root.parent
+        return shutil.disk_usage(target).free / 2**20
+
+    def check_space(self, needed_bytes: int = 0) -> None:
+        """Raise `SpoolFull` when a write would leave less than `min_free_mb`."""
+        if self.min_free_mb <= 0:
+            return
+        free = self.free_mb()
+        if free - needed_bytes / 2**20 < self.min_free_mb:
+            raise SpoolFull(
+                f"spool {self.root} has {free:.0f} MiB free, minimum is {self.min_free_mb:g} MiB"
+            )
+
+    def write_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes
+    ) -> StoredFile:
+        """Write one encoded instance (DICOM file format) atomically; return where it went."""
+        path = self.instance_path(study_uid, series_uid, sop_uid)
+        self.check_space(len(data))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replaced = path.exists()
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+        return StoredFile(path, len(data), hashlib.sha256(data).hexdigest(), replaced)
+
+    def remove(self, path: Path) -> None:
+        """Remove a spooled file (used to undo a write whose database row failed)."""
+        resolved = Path(path).resolve()
+        if self.root.resolve() not in resolved.parents:
+            raise ValueError(f"{path} is not inside the spool {self.root}")
+        with contextlib.suppress(FileNotFoundError):
+            resolved.unlink()
+
+    def remove_tree(self, path: Path) -> None:
+        """Remove a folder inside the spool (retention purge)."""
+        resolved = Path(path).resolve()
+        if self.root.resolve() not in resolved.parents:
+            raise ValueError(f"{path} is not inside the spool {self.root}")
+        shutil.rmtree(resolved, ignore_errors=True)
