@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from dicom_node.config import ConfigError, NodeConfig, load_config
+from dicom_node.config import ConfigError, NodeConfig, StartupError, load_config
 from dicom_node.db import (
     Database,
     Delivery,
@@ -32,6 +32,7 @@ from dicom_node.db import (
     Result,
     Series,
     SeriesState,
+    series_label,
     utcnow,
 )
 from dicom_node.tls import TLSConfigError, client_context, server_context
@@ -158,8 +159,8 @@ def retry_job(db: Database, job_id: int) -> int:
         series.reason = f"retry of job {job_id} requested by an administrator"
         s.flush()
         new_id = new.id
-        uid = series.series_instance_uid
-    logger.info("series %s: job %d queued as a retry of job %d", uid, new_id, job_id)
+        key = series_label(series.series_instance_uid, series.study.study_instance_uid)
+    logger.info("%s: job %d queued as a retry of job %d", key, new_id, job_id)
     return new_id
 
 
@@ -171,6 +172,8 @@ def resend_series(
     Returns (destination, what happened) per destination. A delivery being sent right
     now is left alone.
     """
+    from dicom_node.export import set_pending
+
     with db.session() as s:
         series = s.scalars(select(Series).where(Series.series_instance_uid == series_uid)).first()
         if series is None:
@@ -205,16 +208,11 @@ def resend_series(
             if row is None:
                 row = Delivery(result_id=result.id, destination=dest.name)
                 s.add(row)
-            row.ae_title, row.host, row.port = dest.ae_title, dest.host, dest.port
-            row.state = DeliveryState.PENDING
-            row.attempts = 0
-            row.next_attempt_at = now
-            row.last_error = None
-            row.lease_owner = None
-            row.lease_expires_at = None
+            set_pending(row, dest, now)
             out.append((dest.name, f"queued ({dest.ae_title}@{dest.host}:{dest.port})"))
         result_id = result.id
-    logger.info("result %d of series %s queued again: %s", result_id, series_uid, out)
+        key = series_label(series_uid, series.study.study_instance_uid)
+    logger.info("%s: result %d queued again: %s", key, result_id, out)
     return out
 
 
@@ -280,7 +278,12 @@ def attach_observability(service: NodeService) -> MetricsServer | None:
     mc = service.config.metrics
     if not mc.enabled:
         return None
-    return start_http_server(m, mc.bind, mc.port)
+    try:
+        return start_http_server(m, mc.bind, mc.port)
+    except OSError as exc:
+        raise StartupError.port_in_use(
+            "metrics.port", mc.bind, mc.port, "the metrics and health endpoint", exc
+        ) from exc
 
 
 #: Settings read only at start-up; a reload that changes them logs that a restart is due.

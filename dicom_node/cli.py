@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
+    from dicom_node.db import Database
+    from dicom_node.service import NodeService
+    from dicom_node.tls import TLSSettings
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +73,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         cfg.node.port = args.port
     service = NodeService(cfg, worker=False if args.no_worker else None, config_path=args.config)
-    service.serve_forever()
+    return _serve(service)
+
+
+def _serve(service: NodeService) -> int:
+    """Run until stopped; a start-up failure (port in use, ...) is one line on stderr."""
+    from dicom_node.config import StartupError
+
+    try:
+        service.serve_forever()
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -81,8 +100,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         exporter=False if args.no_export else None,
         config_path=args.config,
     )
-    service.serve_forever()
-    return 0
+    return _serve(service)
 
 
 def cmd_destinations(args: argparse.Namespace) -> int:
@@ -106,45 +124,52 @@ def cmd_destinations(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _admin_db(cfg):  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def _node_db(config: str | None) -> Iterator[tuple[NodeConfig, Database]]:
+    """The config and the (upgraded) database it names, disposed of afterwards."""
     from dicom_node.db import Database
 
+    cfg = _load(config)
     db = Database(cfg.database_url)
-    db.upgrade()
-    return db
+    try:
+        db.upgrade()
+        yield cfg, db
+    finally:
+        db.dispose()
+
+
+def _run_admin(config: str | None, action: Callable[[NodeConfig, Database], list[str]]) -> int:
+    """Run an admin action on the node's database; print its lines, or why it was refused."""
+    from dicom_node.admin import AdminError
+
+    try:
+        with _node_db(config) as (cfg, db):
+            lines = action(cfg, db)
+    except AdminError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from dicom_node.admin import AdminError, retry_job
+    from dicom_node.admin import retry_job
 
-    cfg = _load(args.config)
-    db = _admin_db(cfg)
-    try:
-        new_id = retry_job(db, args.job)
-    except AdminError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        db.dispose()
-    print(f"job {new_id} queued (retry of job {args.job})")
-    return 0
+    def action(_cfg: NodeConfig, db: Database) -> list[str]:
+        return [f"job {retry_job(db, args.job)} queued (retry of job {args.job})"]
+
+    return _run_admin(args.config, action)
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    from dicom_node.admin import AdminError, resend_series
+    from dicom_node.admin import resend_series
 
-    cfg = _load(args.config)
-    db = _admin_db(cfg)
-    try:
+    def action(cfg: NodeConfig, db: Database) -> list[str]:
         outcome = resend_series(db, cfg, args.series, args.to or ())
-    except AdminError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        db.dispose()
-    for name, what in outcome:
-        print(f"{name}: {what}")
-    return 0
+        return [f"{name}: {what}" for name, what in outcome]
+
+    return _run_admin(args.config, action)
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -155,14 +180,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = _load(args.config)
-    db = _admin_db(cfg)
-    try:
+
+    def action(cfg: NodeConfig, db: Database) -> list[str]:
         n = purge(db, cfg.spool.path, age)
-    finally:
-        db.dispose()
-    print(f"purged the spooled files of {n} finished series older than {args.older_than}")
-    return 0
+        return [f"purged the spooled files of {n} finished series older than {args.older_than}"]
+
+    return _run_admin(args.config, action)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -211,7 +234,30 @@ def parse_peer(text: str) -> tuple[str, str, int]:
     return m.group("ae"), m.group("host").strip("[]"), port
 
 
+def _echo_tls(args: argparse.Namespace) -> TLSSettings | None:
+    """TLSSettings from `echo --tls-*` (None when no TLS option is given); ValueError."""
+    from dicom_node.tls import TLSSettings
+
+    given = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    if not (args.tls or args.tls_no_verify) and all(v is None for v in given):
+        return None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_ca is None and not args.tls_no_verify:
+        raise ValueError("TLS needs --tls-ca (the CA of the peer's certificate) or --tls-no-verify")
+    return TLSSettings(
+        enabled=True,
+        ca_file=args.tls_ca,
+        cert_file=args.tls_cert,
+        key_file=args.tls_key,
+        verify_peer=not args.tls_no_verify,
+        server_hostname=args.tls_server_name,
+    )
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from dicom_node.config import validate_ae_title
     from dicom_node.export import Peer, echo, peer_for
 
@@ -223,13 +269,16 @@ def cmd_echo(args: argparse.Namespace) -> int:
             peer = peer_for(cfg.destination(args.target), calling)
         except KeyError:
             peer = None
-    if peer is None:
-        try:
+    try:
+        tls = _echo_tls(args)
+        if peer is None:
             ae, host, port = parse_peer(args.target)
             peer = Peer(validate_ae_title(ae), host, port, validate_ae_title(calling), args.timeout)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if tls is not None:  # given on the command line: instead of a destination's own
+        peer = dataclasses.replace(peer, tls=tls)
     ok, message = echo(peer)
     print(message)
     return 0 if ok else 1
@@ -239,12 +288,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from sqlalchemy import select
     from sqlalchemy.orm import selectinload
 
-    from dicom_node.db import Database, Job, Result, Series
+    from dicom_node.db import Job, Result, Series
 
-    cfg = _load(args.config)
-    db = Database(cfg.database_url)
-    try:
-        db.upgrade()
+    with _node_db(args.config) as (_cfg, db):
         with db.session() as s:
             query = select(Series).order_by(Series.last_received_at.desc()).limit(args.limit)
             if args.state:
@@ -332,8 +378,6 @@ def cmd_status(args: argparse.Namespace) -> int:
                     for d in r.deliveries:
                         err = f"  {d.last_error[:120]}" if d.last_error else ""
                         print(f"        -> {d.destination:<12} {d.state:<9} {d.attempts}x{err}")
-    finally:
-        db.dispose()
     return 0
 
 
@@ -408,6 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="node TOML config (for destination names and our AE)")
     p.add_argument("--calling-ae", help="calling AE title (default: node.ae_title or CTMTL)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    tls = p.add_argument_group(
+        "DICOM TLS",
+        "Any of these makes the C-ECHO go over TLS, e.g. to try a peer before adding it to "
+        "the config; for a destination name they replace its configured TLS settings.",
+    )
+    tls.add_argument("--tls", action="store_true", help="use TLS (implied by the options below)")
+    tls.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA(s) that sign the peer")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="our client certificate")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    tls.add_argument(
+        "--tls-server-name", metavar="NAME", help="name in the peer's certificate (default: host)"
+    )
+    tls.add_argument(
+        "--tls-no-verify",
+        action="store_true",
+        help="do not check the peer's certificate (testing only)",
+    )
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser(

@@ -24,7 +24,6 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
-from dicom_node.config import NodeConfig
 from dicom_node.db import (
     Database,
     Instance,
@@ -32,9 +31,11 @@ from dicom_node.db import (
     JobState,
     Series,
     SeriesState,
+    Study,
+    series_label,
     utcnow,
 )
-from dicom_node.metrics import NodeMetrics
+from dicom_node.parts import NodePart
 from dicom_node.selection import evaluate
 from dicom_node.spool import Spool
 from dicom_node.volume import check_geometry
@@ -60,21 +61,14 @@ def read_headers(paths: list[str]) -> list[Dataset]:
     return out
 
 
-class CompletionMonitor:
-    """Finds idle series and decides about them; `run()` loops until stopped."""
+class CompletionMonitor(NodePart):
+    """Finds idle series and decides about them; `run()` loops until stopped.
 
-    def __init__(
-        self,
-        config: NodeConfig,
-        db: Database,
-        spool: Spool | None = None,
-        metrics: NodeMetrics | None = None,
-    ) -> None:
-        self.config = config
-        self.db = db
-        self.spool = spool
-        self.metrics = metrics or NodeMetrics()
-        self._last_purge: dt.datetime | None = None
+    `CompletionMonitor(config, db, spool=None, metrics=None)`: without a spool, finished
+    series are never purged.
+    """
+
+    _last_purge: dt.datetime | None = None  # set per instance by `_maybe_purge`
 
     def idle_series(self, now: dt.datetime) -> list[int]:
         cutoff = now - dt.timedelta(seconds=self.config.completion.idle_seconds)
@@ -109,6 +103,7 @@ class CompletionMonitor:
                 return None
             seen_at, seen_n = series.last_received_at, series.n_instances
             uid = series.series_instance_uid
+            key = series_label(uid, series.study.study_instance_uid)
             paths = list(
                 s.scalars(
                     select(Instance.path)
@@ -134,10 +129,10 @@ class CompletionMonitor:
                 .values(**values, updated_at=utcnow())
             )
             if res.rowcount != 1:  # type: ignore[attr-defined]
-                logger.info("series %s changed while being checked; judged again later", uid)
+                logger.debug("%s changed while being checked; judged again later", key)
                 return None
             if reasons:
-                logger.warning("series %s rejected: %s", uid, "; ".join(reasons))
+                logger.info("%s rejected: %s", key, "; ".join(reasons))
                 self.metrics.series_refused()
                 return CompletionOutcome(uid, False, "; ".join(reasons), None)
             superseded = s.execute(
@@ -150,8 +145,8 @@ class CompletionMonitor:
             s.flush()
             job_id = job.id
         logger.info(
-            "series %s complete: %d instances, job %d queued%s",
-            uid,
+            "%s complete: %d instances, job %d queued%s",
+            key,
             seen_n,
             job_id,
             f" (superseding {superseded} queued job(s))" if superseded else "",
@@ -200,7 +195,8 @@ def purge_finished(db: Database, spool: Spool, older_than: dt.datetime) -> int:
     final = (SeriesState.DONE, SeriesState.REJECTED, SeriesState.FAILED)
     with db.session() as s:
         rows = s.execute(
-            select(Series.id, Series.series_instance_uid, Instance.path)
+            select(Series.id, Series.series_instance_uid, Study.study_instance_uid, Instance.path)
+            .join(Study, Study.id == Series.study_id)
             .join(Instance, Instance.series_id == Series.id)
             .where(
                 Series.state.in_(final),
@@ -208,15 +204,15 @@ def purge_finished(db: Database, spool: Spool, older_than: dt.datetime) -> int:
                 Series.last_received_at < older_than,
             )
         ).all()
-    by_series: dict[int, tuple[str, list[str]]] = {}
-    for sid, uid, path in rows:
-        by_series.setdefault(sid, (uid, []))[1].append(path)
-    for sid, (uid, paths) in by_series.items():
+    by_series: dict[int, tuple[str, str, list[str]]] = {}
+    for sid, uid, study_uid, path in rows:
+        by_series.setdefault(sid, (uid, study_uid, []))[2].append(path)
+    for sid, (uid, study_uid, paths) in by_series.items():
         folders = {Path(p).parent for p in paths}
         for folder in folders:
             spool.remove_tree(folder)
         spool.remove_tree(spool.results / uid)
         with db.session() as s:
             s.execute(update(Series).where(Series.id == sid).values(purged_at=utcnow()))
-        logger.info("series %s: spooled files purged (retention)", uid)
+        logger.info("%s: spooled files purged (retention)", series_label(uid, study_uid))
     return len(by_series)

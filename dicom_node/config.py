@@ -249,6 +249,14 @@ class NodeConfig(_Section):
         tls_callers = [c.ae_title for c in self.allowed_callers if c.require_tls]
         if tls_callers and not self.node.tls.enabled:
             raise ValueError(f"allowed callers {tls_callers} require TLS but node.tls is off")
+        if self.metrics.enabled and self.metrics.port:
+            tls_port = self.node.tls.port if self.node.tls.enabled else None
+            for key, port in (("node.port", self.node.port), ("node.tls.port", tls_port)):
+                if port == self.metrics.port:
+                    raise ValueError(
+                        f"metrics.port {port} is also {key}: give the metrics endpoint a port "
+                        "of its own"
+                    )
         return self
 
     # ----------------------------------------------------------------- helpers
@@ -301,6 +309,18 @@ class NodeConfig(_Section):
         return any(
             c.require_tls and c.ae_title == ae_title.strip() and c.host in (None, host)
             for c in self.allowed_callers
+        )
+
+
+class StartupError(RuntimeError):
+    """The node cannot start as configured (a port in use, ...); the message names the key."""
+
+    @classmethod
+    def port_in_use(cls, key: str, bind: str, port: int, what: str, exc: OSError) -> StartupError:
+        return cls(
+            f"{key}: cannot listen on {bind}:{port} for {what}: {exc.strerror or exc}; "
+            f"another program (or another ctmtl-node on this host) may use port {port}: "
+            f"stop it or set {key} to a free port"
         )
 
 

@@ -49,6 +49,7 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 def utcnow() -> dt.datetime:
     """Naive UTC (why: SQLite drops time zones, so every timestamp is stored naive UTC)."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def series_label(series_uid: str, study_uid: str | None) -> str:
+    """How every series lifecycle log line names its series: both UIDs, never patient data."""
+    return f"series {series_uid} study {study_uid or '?'}"
 
 
 class SeriesState:
@@ -331,6 +337,7 @@ class IngestOutcome:
     new_instance: bool
     content_changed: bool  # False for an identical re-send
     series_reopened: bool  # the series had left `receiving` and goes back to it
+    new_series: bool = False  # the first instance of a series not seen before
 
 
 def record_instance(
@@ -353,6 +360,16 @@ def record_instance(
     raise AssertionError("unreachable")
 
 
+def _set_file(inst: Instance, rec: InstanceRecord, now: dt.datetime) -> None:
+    """The columns that describe the stored file (new instance or changed re-send)."""
+    inst.sop_class_uid = rec.sop_class_uid
+    inst.transfer_syntax_uid = rec.transfer_syntax_uid
+    inst.path = rec.path
+    inst.size = rec.size
+    inst.sha256 = rec.sha256
+    inst.received_at = now
+
+
 def _record_instance(s: Session, rec: InstanceRecord, now: dt.datetime) -> IngestOutcome:
     study = s.scalars(select(Study).where(Study.study_instance_uid == rec.study_uid)).first()
     if study is None:
@@ -360,6 +377,7 @@ def _record_instance(s: Session, rec: InstanceRecord, now: dt.datetime) -> Inges
         s.add(study)
         s.flush()
     series = s.scalars(select(Series).where(Series.series_instance_uid == rec.series_uid)).first()
+    new_series = series is None
     if series is None:
         series = Series(
             study_id=study.id,
@@ -377,17 +395,8 @@ def _record_instance(s: Session, rec: InstanceRecord, now: dt.datetime) -> Inges
     new_instance = inst is None
     changed = True
     if inst is None:
-        inst = Instance(
-            series_id=series.id,
-            sop_instance_uid=rec.sop_uid,
-            sop_class_uid=rec.sop_class_uid,
-            transfer_syntax_uid=rec.transfer_syntax_uid,
-            path=rec.path,
-            size=rec.size,
-            sha256=rec.sha256,
-            received_at=now,
-            times_received=1,
-        )
+        inst = Instance(series_id=series.id, sop_instance_uid=rec.sop_uid, times_received=1)
+        _set_file(inst, rec, now)
         s.add(inst)
         series.n_instances = (series.n_instances or 0) + 1
         series.received_bytes = (series.received_bytes or 0) + rec.size
@@ -396,12 +405,7 @@ def _record_instance(s: Session, rec: InstanceRecord, now: dt.datetime) -> Inges
         inst.times_received += 1
         if changed:
             series.received_bytes = (series.received_bytes or 0) + rec.size - inst.size
-            inst.sop_class_uid = rec.sop_class_uid
-            inst.transfer_syntax_uid = rec.transfer_syntax_uid
-            inst.path = rec.path
-            inst.size = rec.size
-            inst.sha256 = rec.sha256
-            inst.received_at = now
+            _set_file(inst, rec, now)
     series.calling_ae = rec.calling_ae
     series.calling_host = rec.calling_host
     series.called_ae = rec.called_ae
@@ -416,10 +420,43 @@ def _record_instance(s: Session, rec: InstanceRecord, now: dt.datetime) -> Inges
         series.reason = None
         series.last_received_at = now
         series.purged_at = None
-    return IngestOutcome(series.id, new_instance, changed, reopened)
+    return IngestOutcome(series.id, new_instance, changed, reopened, new_series)
 
 
 # --------------------------------------------------------------------------- claiming
+
+
+def _lock_candidates(db: Database, query: Select[Any]) -> Select[Any]:
+    """Rows to try to claim; on PostgreSQL locked, skipping those another claimer holds."""
+    if db.dialect == "postgresql":
+        return query.with_for_update(skip_locked=True)
+    return query
+
+
+def _take(
+    s: Session,
+    model: type[Job] | type[Delivery],
+    row_id: int,
+    claimable: ColumnElement[bool],
+    state: str,
+    owner: str,
+    expires: dt.datetime,
+    **values: Any,
+) -> bool:
+    """Claim one row for `owner`: a compare-and-set that only matches while it is claimable."""
+    res = s.execute(
+        update(model)
+        .where(model.id == row_id, claimable)
+        .values(
+            state=state,
+            lease_owner=owner,
+            lease_expires_at=expires,
+            attempts=model.attempts + 1,
+            **values,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 def _claimable_job(now: dt.datetime) -> ColumnElement[bool]:
@@ -447,10 +484,8 @@ def claim_job(
     now = now or utcnow()
     expires = now + dt.timedelta(seconds=lease_seconds)
     with db.session() as s:
-        query = select(Job).where(_claimable_job(now)).order_by(Job.id).limit(8)
-        if db.dialect == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        for job in s.scalars(query).all():
+        query = _lock_candidates(db, select(Job).where(_claimable_job(now)).order_by(Job.id))
+        for job in s.scalars(query.limit(8)).all():
             if job.attempts >= max_attempts:
                 lost = job.state == JobState.RUNNING
                 job.state = JobState.FAILED
@@ -460,25 +495,21 @@ def claim_job(
                 )
                 job.lease_owner = None
                 series = s.get(Series, job.series_id)
-                if series is not None and series.state == SeriesState.PROCESSING:
+                assert series is not None
+                if series.state == SeriesState.PROCESSING:
                     series.state = SeriesState.FAILED
                     series.reason = f"processing failed after {job.attempts} attempts"
-                logger.error("job %s failed after %s attempts", job.id, job.attempts)
+                logger.error(
+                    "job %s failed for good: %s: %s attempts%s",
+                    job.id,
+                    series_label(series.series_instance_uid, series.study.study_instance_uid),
+                    job.attempts,
+                    ", the worker was lost" if lost else "",
+                )
                 continue
             taken_over = job.state == JobState.RUNNING
-            res = s.execute(
-                update(Job)
-                .where(Job.id == job.id, _claimable_job(now))
-                .values(
-                    state=JobState.RUNNING,
-                    lease_owner=owner,
-                    lease_expires_at=expires,
-                    attempts=Job.attempts + 1,
-                    started_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if res.rowcount == 1:  # type: ignore[attr-defined]
+            claimable = _claimable_job(now)
+            if _take(s, Job, job.id, claimable, JobState.RUNNING, owner, expires, started_at=now):
                 if taken_over:
                     logger.warning(
                         "job %s: lease of %s expired, taken over by %s",
@@ -522,30 +553,19 @@ def claim_deliveries(
     taken: list[int] = []
     busy = set(exclude_destinations or ())
     with db.session() as s:
-        query = (
+        query = _lock_candidates(
+            db,
             select(Delivery)
             .where(_claimable_delivery(now))
-            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .order_by(Delivery.next_attempt_at, Delivery.id),
         )
-        if db.dialect == "postgresql":
-            query = query.with_for_update(skip_locked=True)
         for d in s.scalars(query.limit(200)).all():
             if len(taken) >= limit:
                 break
             if d.destination in busy:
                 continue
-            res = s.execute(
-                update(Delivery)
-                .where(Delivery.id == d.id, _claimable_delivery(now))
-                .values(
-                    state=DeliveryState.SENDING,
-                    lease_owner=owner,
-                    lease_expires_at=expires,
-                    attempts=Delivery.attempts + 1,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if res.rowcount == 1:  # type: ignore[attr-defined]
+            claimable = _claimable_delivery(now)
+            if _take(s, Delivery, d.id, claimable, DeliveryState.SENDING, owner, expires):
                 taken.append(d.id)
                 busy.add(d.destination)
     return taken

@@ -28,8 +28,18 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from dicom_node.config import Destination, NodeConfig
-from dicom_node.db import Database, Delivery, DeliveryState, Result, claim_deliveries, utcnow
+from dicom_node.db import (
+    Database,
+    Delivery,
+    DeliveryState,
+    Result,
+    Series,
+    claim_deliveries,
+    series_label,
+    utcnow,
+)
 from dicom_node.metrics import NodeMetrics
+from dicom_node.parts import NodePart
 from dicom_node.tls import TLSSettings, tls_args
 
 logger = logging.getLogger(__name__)
@@ -169,23 +179,27 @@ def queue_deliveries(
 ) -> list[Delivery]:
     """Add one pending delivery per destination for `result` (inside the caller's session)."""
     rows = []
+    now = utcnow()
     for dest in destinations:
-        row = Delivery(
-            result_id=result.id,
-            destination=dest.name,
-            ae_title=dest.ae_title,
-            host=dest.host,
-            port=dest.port,
-            state=DeliveryState.PENDING,
-            attempts=0,
-            next_attempt_at=utcnow(),
-        )
+        row = Delivery(result_id=result.id, destination=dest.name)
+        set_pending(row, dest, now)
         session.add(row)  # type: ignore[attr-defined]
         rows.append(row)
     return rows
 
 
-class Exporter:
+def set_pending(row: Delivery, dest: Destination, now: dt.datetime) -> None:
+    """(Re)queue `row` for `dest` as configured now: due at `now`, no attempts, no error."""
+    row.ae_title, row.host, row.port = dest.ae_title, dest.host, dest.port
+    row.state = DeliveryState.PENDING
+    row.attempts = 0
+    row.next_attempt_at = now
+    row.last_error = None
+    row.lease_owner = None
+    row.lease_expires_at = None
+
+
+class Exporter(NodePart):
     """Sends due deliveries; `run_once()` for tests, `run()` as the node's thread."""
 
     def __init__(
@@ -195,9 +209,7 @@ class Exporter:
         owner: str | None = None,
         metrics: NodeMetrics | None = None,
     ) -> None:
-        self.config = config
-        self.db = db
-        self.metrics = metrics or NodeMetrics()
+        super().__init__(config, db, metrics=metrics)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:export"
         self._pool = ThreadPoolExecutor(
             max_workers=config.export.max_parallel, thread_name_prefix="export"
@@ -205,13 +217,17 @@ class Exporter:
         self._in_flight: dict[str, Future[None]] = {}
         self._lock = threading.Lock()
 
-    def _peer(self, d: Delivery) -> Peer:
-        node_ae = self.config.node.ae_title
+    def _peer(self, d: Delivery) -> Peer | None:
+        """The destination as configured now; None when it was removed from the config.
+
+        The row keeps only AE title, host and port, not the TLS settings, so a removed
+        destination is never sent to from the row alone (it may have needed TLS).
+        """
         try:
             dest = self.config.destination(d.destination)
-        except KeyError:  # removed from the config since: use what was queued
-            return Peer(d.ae_title, d.host, d.port, node_ae)
-        return peer_for(dest, node_ae)
+        except KeyError:
+            return None
+        return peer_for(dest, self.config.node.ae_title)
 
     def dispatch(self) -> int:
         """Claim due deliveries for idle destinations and start sending them."""
@@ -255,17 +271,28 @@ class Exporter:
             assert result is not None
             files = [Path(result.seg_path), Path(result.sr_path)]
             files += [Path(p) for p in (result.extra_paths or [])]
+            series = s.get(Series, result.series_id)
+            assert series is not None
+            key = series_label(series.series_instance_uid, series.study.study_instance_uid)
             peer = self._peer(d)
             attempt = d.attempts
             name = d.destination
         t0 = time.perf_counter()
         error: str | None = None
-        try:
-            send_files(peer, files)
-        except ExportError as exc:
-            error = str(exc)
-        except Exception as exc:  # unreadable file, encoding error, ...
-            error = f"{type(exc).__name__}: {exc}"
+        final = False  # no retry whatever the attempt count
+        if peer is None:
+            error = (
+                f"destination {name!r} is no longer in the configuration; not sent "
+                "(add it again, then `ctmtl-node resend SERIES_UID`)"
+            )
+            final = True
+        else:
+            try:
+                send_files(peer, files)
+            except ExportError as exc:
+                error = str(exc)
+            except Exception as exc:  # unreadable file, encoding error, ...
+                error = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - t0
         self.metrics.delivery(name, error is None)
         if error is None:
@@ -284,18 +311,20 @@ class Exporter:
                 d.delivered_at = utcnow()
                 d.last_error = None
                 logger.info(
-                    "result %s delivered to %s (%s), %d objects in %.2f s",
+                    "%s: result %s delivered to %s (%s), %d objects in %.2f s",
+                    key,
                     d.result_id,
                     name,
                     peer,
                     len(files),
                     seconds,
                 )
-            elif attempt >= cfg.max_attempts:
+            elif final or attempt >= cfg.max_attempts:
                 d.state = DeliveryState.FAILED
                 d.last_error = error
                 logger.error(
-                    "delivery of result %s to %s failed for good after %d attempts: %s",
+                    "%s: delivery of result %s to %s failed for good after %d attempt(s): %s",
+                    key,
                     d.result_id,
                     name,
                     attempt,
@@ -307,7 +336,8 @@ class Exporter:
                 d.last_error = error
                 d.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
                 logger.warning(
-                    "delivery of result %s to %s failed (attempt %d/%d), retry in %.0f s: %s",
+                    "%s: delivery of result %s to %s failed (attempt %d/%d), retry in %.0f s: %s",
+                    key,
                     d.result_id,
                     name,
                     attempt,

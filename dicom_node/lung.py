@@ -203,7 +203,7 @@ def lung_mask(
     lungs = np.zeros(inside.shape, dtype=bool)
     box = _bounding_box(inside, spacing, closing_radius_mm + 2 * COARSE_SPACING_MM)
     if box is None:
-        logger.info("lung mask: no lung-like air found")
+        logger.debug("lung mask: no lung-like air found")
         return lungs
     crop = _largest_components(inside[box], spacing, second_component_ratio, min_component_ml)
     t2 = time.perf_counter()
@@ -212,7 +212,7 @@ def lung_mask(
     lungs[box] = _fill_holes(crop, spacing, max_hole_area_mm2)
     t4 = time.perf_counter()
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
-    logger.info(
+    logger.debug(
         "lung mask: %.0f mL in %.2f s (border %.2f, components %.2f, closing %.2f, fill %.2f)",
         float(lungs.sum()) * voxel_ml,
         t4 - t0,

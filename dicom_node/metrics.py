@@ -84,44 +84,37 @@ class NodeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.associations = Counter(
+
+        def counter(name: str, documentation: str, *labels: str) -> Counter:
+            return Counter(name, documentation, labels, registry=r)
+
+        self.associations = counter(
             "ctmtl_associations",
             "Associations requested by peers, by outcome (accepted, rejected)",
-            ["outcome"],
-            registry=r,
+            "outcome",
         )
-        self.instances = Counter(
-            "ctmtl_instances_received",
-            "C-STORE requests stored (status 0x0000)",
-            registry=r,
+        self.instances = counter(
+            "ctmtl_instances_received", "C-STORE requests stored (status 0x0000)"
         )
-        self.instances_refused = Counter(
+        self.instances_refused = counter(
             "ctmtl_instances_refused",
             "C-STORE requests answered with an error status, by status",
-            ["status"],
-            registry=r,
+            "status",
         )
-        self.bytes = Counter(
-            "ctmtl_received_bytes", "Bytes of instances written to the spool", registry=r
-        )
-        self.series_processed = Counter(
-            "ctmtl_series_processed", "Series with results written", registry=r
-        )
-        self.series_rejected = Counter(
+        self.bytes = counter("ctmtl_received_bytes", "Bytes of instances written to the spool")
+        self.series_processed = counter("ctmtl_series_processed", "Series with results written")
+        self.series_rejected = counter(
             "ctmtl_series_rejected",
             "Series refused by the selection rules, geometry checks or the pipeline",
-            registry=r,
         )
-        self.series_failed = Counter(
-            "ctmtl_series_failed",
-            "Series whose processing failed after the last attempt",
-            registry=r,
+        self.series_failed = counter(
+            "ctmtl_series_failed", "Series whose processing failed after the last attempt"
         )
-        self.deliveries = Counter(
+        self.deliveries = counter(
             "ctmtl_deliveries",
             "Result deliveries (one C-STORE association per attempt), by destination and outcome",
-            ["destination", "outcome"],
-            registry=r,
+            "destination",
+            "outcome",
         )
         self.stage_seconds = Histogram(
             "ctmtl_stage_seconds",
@@ -260,33 +253,22 @@ def queue_depth_from_db(db: Any) -> DepthSource:
 
     from dicom_node.db import Delivery, DeliveryState, Job, JobState, Series, SeriesState
 
+    queues = (
+        ("jobs", Job.state, (JobState.QUEUED, JobState.RUNNING)),
+        ("deliveries", Delivery.state, (DeliveryState.PENDING, DeliveryState.SENDING)),
+        ("series", Series.state, (SeriesState.RECEIVING,)),
+    )
+
     def source() -> dict[tuple[str, str], float]:
         out: dict[tuple[str, str], float] = {
-            ("jobs", JobState.QUEUED): 0,
-            ("jobs", JobState.RUNNING): 0,
-            ("deliveries", DeliveryState.PENDING): 0,
-            ("deliveries", DeliveryState.SENDING): 0,
-            ("series", SeriesState.RECEIVING): 0,
+            (queue, state): 0 for queue, _, states in queues for state in states
         }
         with db.session() as s:
-            for state, n in s.execute(
-                select(Job.state, func.count())
-                .where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
-                .group_by(Job.state)
-            ):
-                out[("jobs", state)] = n
-            for state, n in s.execute(
-                select(Delivery.state, func.count())
-                .where(Delivery.state.in_((DeliveryState.PENDING, DeliveryState.SENDING)))
-                .group_by(Delivery.state)
-            ):
-                out[("deliveries", state)] = n
-            n_recv = s.scalar(
-                select(func.count())
-                .select_from(Series)
-                .where(Series.state == SeriesState.RECEIVING)
-            )
-            out[("series", SeriesState.RECEIVING)] = n_recv or 0
+            for queue, column, states in queues:
+                for state, n in s.execute(
+                    select(column, func.count()).where(column.in_(states)).group_by(column)
+                ):
+                    out[(queue, state)] = n
         return out
 
     return source

@@ -21,6 +21,7 @@ from dicom_node.results import (
     ResultOptions,
     contributing_equipment,
     quiet_source_warnings,
+    write_atomically,
 )
 from dicom_node.volume import CTVolume
 
@@ -110,17 +111,10 @@ def build_secondary_capture(
         sc.ImageComments = options.disclaimer
         sc.DerivationDescription = f"Lesion overlay on slice {k + 1} of {volume.shape[0]}"
         images.append(sc)
-    logger.info("secondary capture: %d image(s)", len(images))
+    logger.debug("secondary capture: %d image(s)", len(images))
     return images
 
 
 def write_secondary_capture(images: list[hd.sc.SCImage], out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for sc in images:
-        path = out_dir / f"SC_{sc.SOPInstanceUID}.dcm"
-        tmp = path.with_name(f".{path.name}.tmp")
-        sc.save_as(tmp, enforce_file_format=True)
-        tmp.replace(path)
-        paths.append(path)
-    return paths
+    """Write each atomically as ``SC_<SOPInstanceUID>.dcm``; return the paths."""
+    return [write_atomically(sc, out_dir, "SC") for sc in images]

@@ -205,7 +205,7 @@ def process_series(
         instance_number=instance_number,
         timings=timings,
     )
-    logger.info(
+    logger.debug(
         "series %s: COVID-19 p=%.3f, lesions %.1f mL (%.2f%% of %.0f mL lung); timings %s",
         result.series_instance_uid,
         result.covid_probability,

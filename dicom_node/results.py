@@ -23,6 +23,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import highdicom as hd
@@ -186,3 +187,13 @@ def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentifica
         version=algorithm.model_version[:LO_MAX],
         source=f"ctmtl {algorithm.software_version}"[:LO_MAX],
     )
+
+
+def write_atomically(ds: Dataset, out_dir: Path, prefix: str) -> Path:
+    """Write a result object as ``<prefix>_<SOPInstanceUID>.dcm`` (temp file, then rename)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{prefix}_{ds.SOPInstanceUID}.dcm"
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+    return path

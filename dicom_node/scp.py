@@ -54,9 +54,16 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import tls as dicom_tls
-from dicom_node.config import NodeConfig
-from dicom_node.db import Database, IngestOutcome, InstanceRecord, record_instance
+from dicom_node.config import NodeConfig, StartupError
+from dicom_node.db import (
+    Database,
+    IngestOutcome,
+    InstanceRecord,
+    record_instance,
+    series_label,
+)
 from dicom_node.metrics import NodeMetrics
+from dicom_node.parts import NodePart
 from dicom_node.selection import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_IMAGE_STORAGE,
@@ -159,7 +166,7 @@ def _pixel_data_problem(ds: Dataset, ts: UID) -> str | None:
     return None
 
 
-class StorageSCP:
+class StorageSCP(NodePart):
     """The node's listening AE. `start()` returns at once; `stop()` closes the server."""
 
     def __init__(
@@ -170,12 +177,10 @@ class StorageSCP:
         on_stored: Callable[[IngestOutcome], None] | None = None,
         metrics: NodeMetrics | None = None,
     ) -> None:
-        self.config = config
-        self.db = db
-        self.spool = spool
+        super().__init__(config, db, spool, metrics)
+        self.spool: Spool = spool
         self.on_stored = on_stored
         self.stats = SCPStats()
-        self.metrics = metrics or NodeMetrics()
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
         self.tls_context: Any = None  # ssl.SSLContext of the TLS listener (SIGHUP reload)
@@ -222,9 +227,7 @@ class StorageSCP:
         if tls_cfg.enabled:
             self.tls_context = dicom_tls.server_context(tls_cfg)
         main_ctx = self.tls_context if tls_cfg.enabled and tls_cfg.port is None else None
-        self._server = ae.start_server(
-            (node.bind, node.port), block=False, evt_handlers=handlers, ssl_context=main_ctx
-        )
+        self._server = _listen(ae, handlers, "node.port", node.bind, node.port, main_ctx)
         logger.info(
             "storage SCP %s listening on %s:%d%s",
             node.ae_title,
@@ -234,13 +237,10 @@ class StorageSCP:
         )
         if tls_cfg.enabled and tls_cfg.port is not None:
             try:
-                self._tls_server = ae.start_server(
-                    (node.bind, tls_cfg.port),
-                    block=False,
-                    evt_handlers=handlers,
-                    ssl_context=self.tls_context,
+                self._tls_server = _listen(
+                    ae, handlers, "node.tls.port", node.bind, tls_cfg.port, self.tls_context
                 )
-            except OSError:
+            except StartupError:
                 self.stop(wait_s=0)
                 raise
             logger.info(
@@ -432,8 +432,16 @@ class StorageSCP:
 
         self.stats.add(instances=1, bytes=stored.size, duplicates=int(not outcome.content_changed))
         self.metrics.instance_stored(stored.size)
-        if outcome.series_reopened:
-            logger.info("series %s: new instance after completion, reopened", series)
+        if outcome.new_series:
+            logger.info(
+                "%s: first instance received from %s (%s), modality %s",
+                series_label(series, study),
+                calling,
+                assoc.requestor.address,
+                modality or "?",
+            )
+        elif outcome.series_reopened:
+            logger.info("%s: new instance after completion, reopened", series_label(series, study))
         logger.debug(
             "stored %s (series %s, %d bytes, %s) in %.1f ms",
             sop_instance,
@@ -448,6 +456,21 @@ class StorageSCP:
             except Exception:  # a listener must never fail the store
                 logger.exception("on_stored listener failed")
         return STATUS_SUCCESS
+
+
+def _listen(
+    ae: AE, handlers: list[Any], key: str, bind: str, port: int, ssl_context: Any
+) -> ThreadedAssociationServer:
+    """Start one listener of the SCP; a port in use is a `StartupError` naming `key`."""
+    try:
+        server = ae.start_server(
+            (bind, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
+    except OSError as exc:
+        what = "the storage SCP" + (" with TLS" if ssl_context is not None else "")
+        raise StartupError.port_in_use(key, bind, port, what, exc) from exc
+    assert server is not None  # block=False returns the server
+    return server
 
 
 def _socket_of(assoc: Any) -> Any:

@@ -22,6 +22,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicom_node.results import (
     AlgorithmInfo,
@@ -30,6 +31,7 @@ from dicom_node.results import (
     contributing_equipment,
     quiet_source_warnings,
     software_versions,
+    write_atomically,
 )
 from dicom_node.volume import CTVolume
 
@@ -41,35 +43,46 @@ LESION_TYPE = codes.SCT.Lesion  # 52988006
 LUNG_TYPE = hd.sr.CodedConcept("39607008", "SCT", "Lung")
 LESION_COLOR = (255, 64, 32)
 LUNG_COLOR = (64, 160, 255)
+Concept = Code | hd.sr.CodedConcept  # a code from pydicom's dictionary or a highdicom one
 
 
 def segment_descriptions(
     algorithm: AlgorithmInfo, include_lung: bool
 ) -> list[hd.seg.SegmentDescription]:
     algo = algorithm_identification(algorithm)
-    segments = [
-        hd.seg.SegmentDescription(
-            segment_number=LESION_SEGMENT,
-            segment_label="Lesion",
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=LESION_TYPE,
+
+    def segment(
+        number: int,
+        label: str,
+        category: Concept,
+        kind: Concept,
+        color: tuple[int, int, int],
+        regions: list[Concept] | None = None,
+    ) -> hd.seg.SegmentDescription:
+        return hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=category,
+            segmented_property_type=kind,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo,
-            anatomic_regions=[LUNG_TYPE],
-            display_color=hd.color.CIELabColor.from_rgb(*LESION_COLOR),
+            anatomic_regions=regions,
+            display_color=hd.color.CIELabColor.from_rgb(*color),
+        )
+
+    segments = [
+        segment(
+            LESION_SEGMENT,
+            "Lesion",
+            codes.SCT.MorphologicallyAbnormalStructure,
+            LESION_TYPE,
+            LESION_COLOR,
+            [LUNG_TYPE],
         )
     ]
     if include_lung:
         segments.append(
-            hd.seg.SegmentDescription(
-                segment_number=LUNG_SEGMENT,
-                segment_label="Lung",
-                segmented_property_category=codes.SCT.AnatomicalStructure,
-                segmented_property_type=LUNG_TYPE,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algo,
-                display_color=hd.color.CIELabColor.from_rgb(*LUNG_COLOR),
-            )
+            segment(LUNG_SEGMENT, "Lung", codes.SCT.AnatomicalStructure, LUNG_TYPE, LUNG_COLOR)
         )
     return segments
 
@@ -107,7 +120,7 @@ def build_seg(
             sop_instance_uid,
             instance_number,
         )
-    logger.info(
+    logger.debug(
         "SEG %s: %d frames, %d segment(s), lesion voxels %d",
         sop_instance_uid,
         int(seg.NumberOfFrames),
@@ -152,9 +165,4 @@ def _segmentation(
 
 def write_seg(seg: hd.seg.Segmentation, out_dir: Path) -> Path:
     """Write atomically as ``SEG_<SOPInstanceUID>.dcm`` and return the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"SEG_{seg.SOPInstanceUID}.dcm"
-    tmp = path.with_name(f".{path.name}.tmp")
-    seg.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
-    return path
+    return write_atomically(seg, out_dir, "SEG")

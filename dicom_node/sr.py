@@ -32,6 +32,7 @@ from dicom_node.results import (
     ResultOptions,
     contributing_equipment,
     quiet_source_warnings,
+    write_atomically,
 )
 from dicom_node.seg import LESION_SEGMENT, LUNG_SEGMENT, LUNG_TYPE
 from dicom_node.volume import CTVolume
@@ -105,14 +106,18 @@ def build_sr(
             hd.sr.Measurement(name=PROBABILITY, value=numbers.covid_probability, unit=NO_UNITS)
         ],
     )
-    lesions = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking("Lung lesions"),
-        referenced_segment=hd.sr.ReferencedSegment(
+
+    def segment_ref(number: int) -> hd.sr.ReferencedSegment:
+        return hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=LESION_SEGMENT,
+            segment_number=number,
             source_series=source_series,
-        ),
+        )
+
+    lesions = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking("Lung lesions"),
+        referenced_segment=segment_ref(LESION_SEGMENT),
         finding_type=codes.SCT.Lesion,
         finding_sites=[hd.sr.FindingSite(LUNG_TYPE)],
         algorithm_id=algo,
@@ -136,12 +141,7 @@ def build_sr(
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=_tracking("Lungs"),
-                referenced_segment=hd.sr.ReferencedSegment(
-                    sop_class_uid=seg.SOPClassUID,
-                    sop_instance_uid=seg.SOPInstanceUID,
-                    segment_number=LUNG_SEGMENT,
-                    source_series=source_series,
-                ),
+                referenced_segment=segment_ref(LUNG_SEGMENT),
                 finding_type=LUNG_TYPE,
                 algorithm_id=algo,
                 measurements=[lung_volume],
@@ -197,7 +197,7 @@ def build_sr(
             sop_instance_uid,
             instance_number,
         )
-    logger.info(
+    logger.debug(
         "SR %s: COVID-19 p=%.4f (%s), lesions %.2f mL = %.2f%% of %.2f mL lung",
         sop_instance_uid,
         numbers.covid_probability,
@@ -245,9 +245,4 @@ def _document(
 
 def write_sr(sr: hd.sr.Comprehensive3DSR, out_dir: Path) -> Path:
     """Write atomically as ``SR_<SOPInstanceUID>.dcm`` and return the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"SR_{sr.SOPInstanceUID}.dcm"
-    tmp = path.with_name(f".{path.name}.tmp")
-    sr.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
-    return path
+    return write_atomically(sr, out_dir, "SR")

@@ -167,6 +167,30 @@ def _fg(ds: Dataset, frame_index: int, seq_name: str) -> Dataset | None:
     return None
 
 
+def _frame(
+    index: int,
+    frame_number: int | None,
+    position: Dataset,
+    orientation: Dataset,
+    measures: Dataset,
+    rows: int,
+    cols: int,
+    rescale: tuple[float, float],
+) -> FrameGeometry:
+    """One frame from the data sets (or functional group items) holding its plane position,
+    orientation and pixel measures."""
+    return FrameGeometry(
+        index,
+        frame_number,
+        _floats(position.ImagePositionPatient, 3, "Image Position (Patient)"),
+        _floats(orientation.ImageOrientationPatient, 6, "Image Orientation (Patient)"),
+        _floats(measures.PixelSpacing, 2, "Pixel Spacing"),
+        rows,
+        cols,
+        *rescale,
+    )
+
+
 def frame_geometries(datasets: Sequence[Dataset]) -> list[FrameGeometry]:
     """Geometry of every frame of the series' instances (headers suffice).
 
@@ -187,38 +211,13 @@ def frame_geometries(datasets: Sequence[Dataset]) -> list[FrameGeometry]:
                         raise ValueError(
                             f"frame {f + 1} lacks plane position, orientation or pixel measures"
                         )
-                    slope, intercept = _rescale(_fg(ds, f, "PixelValueTransformationSequence"), ds)
-                    frames.append(
-                        FrameGeometry(
-                            i,
-                            f + 1,
-                            _floats(pos.ImagePositionPatient, 3, "Image Position (Patient)"),
-                            _floats(ori.ImageOrientationPatient, 6, "Image Orientation (Patient)"),
-                            _floats(meas.PixelSpacing, 2, "Pixel Spacing"),
-                            rows,
-                            cols,
-                            slope,
-                            intercept,
-                        )
-                    )
+                    rescale = _rescale(_fg(ds, f, "PixelValueTransformationSequence"), ds)
+                    frames.append(_frame(i, f + 1, pos, ori, meas, rows, cols, rescale))
             else:
                 for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
                     if kw not in ds:
                         raise ValueError(f"missing {kw}")
-                slope, intercept = _rescale(None, ds)
-                frames.append(
-                    FrameGeometry(
-                        i,
-                        None,
-                        _floats(ds.ImagePositionPatient, 3, "Image Position (Patient)"),
-                        _floats(ds.ImageOrientationPatient, 6, "Image Orientation (Patient)"),
-                        _floats(ds.PixelSpacing, 2, "Pixel Spacing"),
-                        rows,
-                        cols,
-                        slope,
-                        intercept,
-                    )
-                )
+                frames.append(_frame(i, None, ds, ds, ds, rows, cols, _rescale(None, ds)))
         except (AttributeError, ValueError, TypeError) as exc:
             raise ValueError(f"instance {name}: {exc}") from exc
     return frames
@@ -353,7 +352,7 @@ def _dedupe(items: list[tuple[Dataset, Path | None]]) -> list[tuple[Dataset, Pat
     for ds, path in items:
         uid = str(ds.get("SOPInstanceUID", ""))
         if uid and uid in seen:
-            logger.info("ignoring duplicate SOP instance %s (%s)", uid, path)
+            logger.debug("ignoring duplicate SOP instance %s (%s)", uid, path)
             continue
         seen.add(uid)
         out.append((ds, path))
@@ -524,7 +523,7 @@ def load_series(
         files=[p for p in dict.fromkeys(paths) if p is not None],
         sop_class_uid=str(datasets[0].SOPClassUID),
     )
-    logger.info(
+    logger.debug(
         "loaded series %s: %d slices %dx%d, spacing %.3f/%.3f/%.3f mm, HU %.0f..%.0f",
         volume.series_instance_uid,
         *volume.shape,

@@ -44,10 +44,12 @@ from dicom_node.db import (
     SeriesState,
     claim_job,
     renew_job_lease,
+    series_label,
     utcnow,
 )
 from dicom_node.export import queue_deliveries
 from dicom_node.metrics import NodeMetrics
+from dicom_node.parts import NodePart
 from dicom_node.results import ResultUIDs
 from dicom_node.spool import Spool
 from dicom_node.volume import SeriesRejected
@@ -125,7 +127,7 @@ def result_uids(source_series_uid: str) -> ResultUIDs:
     )
 
 
-class Worker:
+class Worker(NodePart):
     """One job at a time; several workers (threads or processes) may share a database."""
 
     def __init__(
@@ -137,10 +139,8 @@ class Worker:
         owner: str | None = None,
         metrics: NodeMetrics | None = None,
     ) -> None:
-        self.config = config
-        self.db = db
-        self.spool = spool
-        self.metrics = metrics or NodeMetrics()
+        super().__init__(config, db, spool, metrics)
+        self.spool: Spool = spool
         self.owner = owner or default_owner()
         self._factory = predictor_factory or (lambda: build_predictor(self.config))
         self._predictor: Any = None
@@ -185,6 +185,7 @@ class Worker:
             series = s.get(Series, job.series_id)
             assert series is not None
             series_uid = series.series_instance_uid
+            key = series_label(series_uid, series.study.study_instance_uid)
             attempt = job.attempts
             queued_at = job.created_at
             files = [
@@ -205,7 +206,7 @@ class Worker:
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
         logger.info(
-            "job %d (attempt %d): series %s, %d instances", job_id, attempt, series_uid, len(files)
+            "job %d started (attempt %d): %s, %d instances", job_id, attempt, key, len(files)
         )
 
         from dicom_node.pipeline import process_series
@@ -223,32 +224,35 @@ class Worker:
                     instance_number=instance_number,
                 )
             except SeriesRejected as exc:
-                self._finish_rejected(job_id, exc.reason)
+                self._finish_rejected(job_id, key, exc.reason)
                 self.metrics.series_refused()
                 return
             except Exception as exc:
-                logger.exception("job %d: processing failed", job_id)
-                self._finish_error(job_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+                logger.debug("job %d: processing failed", job_id, exc_info=True)
+                error = f"{type(exc).__name__}: {exc}"
+                self._finish_error(job_id, key, error, traceback.format_exc())
                 return
         if lease.lost:
-            logger.warning("job %d: finished after losing its lease; result discarded", job_id)
+            logger.warning(
+                "job %d: %s: finished after losing its lease; result discarded", job_id, key
+            )
             return
         timings = {k: round(float(v), 4) for k, v in dict(result.timings).items()}
         timings["total"] = round(time.perf_counter() - t0, 4)
         timings["queue_wait"] = round(wait_s, 4)
-        self._finish_done(job_id, result, result_uids(series_uid), timings)
+        self._finish_done(job_id, key, result, result_uids(series_uid), timings)
         self.metrics.series_done(timings)
 
     def _own(self, job: Job | None) -> bool:
         return job is not None and job.state == JobState.RUNNING and job.lease_owner == self.owner
 
     def _finish_done(
-        self, job_id: int, result: Any, uids: ResultUIDs, timings: dict[str, float]
+        self, job_id: int, key: str, result: Any, uids: ResultUIDs, timings: dict[str, float]
     ) -> None:
         with self.db.session() as s:
             job = s.get(Job, job_id)
             if not self._own(job):
-                logger.warning("job %d no longer ours; result discarded", job_id)
+                logger.warning("job %d: %s: job no longer ours; result discarded", job_id, key)
                 return
             assert job is not None
             series = s.get(Series, job.series_id)
@@ -313,27 +317,29 @@ class Worker:
                 series.state = SeriesState.DONE
                 series.reason = "; ".join(problems) if problems else None
             result_id = row.id
+        if newer is not None:
+            sending = "superseded by a newer job: not sent"
+        else:
+            sending = f"sending to {', '.join(d.name for d in destinations) or 'no destination'}"
         logger.info(
-            "job %d done: series %s covid_probability=%.4f lesion_volume_ml=%.2f "
-            "lung_volume_ml=%s lung_involvement_percent=%s result=%d timings=%s%s",
+            "job %d done: %s covid_probability=%.4f lesion_volume_ml=%.2f "
+            "lung_volume_ml=%s lung_involvement_percent=%s result=%d timings=%s; %s",
             job_id,
-            result.series_instance_uid,
+            key,
             float(result.covid_probability),
             float(result.lesion_volume_ml),
             _fmt(result.lung_volume_ml),
             _fmt(result.lung_involvement_percent),
             result_id,
             timings,
-            " (superseded by a newer job: not sent)" if newer is not None else "",
+            sending,
         )
         for problem in problems:
-            logger.warning("job %d: %s; results kept in %s", job_id, problem, result.seg_path)
-        if destinations:
-            logger.info(
-                "job %d: results queued for %s", job_id, ", ".join(d.name for d in destinations)
+            logger.warning(
+                "job %d: %s: %s; results kept in %s", job_id, key, problem, result.seg_path
             )
 
-    def _finish_rejected(self, job_id: int, reason: str) -> None:
+    def _finish_rejected(self, job_id: int, key: str, reason: str) -> None:
         with self.db.session() as s:
             job = s.get(Job, job_id)
             if not self._own(job):
@@ -348,10 +354,9 @@ class Worker:
             if series.state == SeriesState.PROCESSING:
                 series.state = SeriesState.REJECTED
                 series.reason = reason
-            uid = series.series_instance_uid
-        logger.warning("job %d: series %s rejected: %s", job_id, uid, reason)
+        logger.info("job %d: %s rejected: %s", job_id, key, reason)
 
-    def _finish_error(self, job_id: int, error: str, trace: str) -> None:
+    def _finish_error(self, job_id: int, key: str, error: str, trace: str) -> None:
         import datetime as dt
 
         wcfg = self.config.worker
@@ -371,11 +376,12 @@ class Worker:
                 if series.state == SeriesState.PROCESSING:
                     series.state = SeriesState.QUEUED
                 logger.warning(
-                    "job %d: attempt %d/%d failed, retry in %.0f s: %s",
+                    "job %d failed (attempt %d/%d), retry in %.0f s: %s: %s",
                     job_id,
                     job.attempts,
                     wcfg.max_attempts,
                     wcfg.retry_delay_s,
+                    key,
                     error,
                 )
             else:
@@ -384,7 +390,7 @@ class Worker:
                 if series.state == SeriesState.PROCESSING:
                     series.state = SeriesState.FAILED
                     series.reason = f"processing failed: {error}"
-                logger.error("job %d failed for good: %s\n%s", job_id, error, trace)
+                logger.error("job %d failed for good: %s: %s\n%s", job_id, key, error, trace)
                 self.metrics.series_given_up()
 
 

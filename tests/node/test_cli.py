@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,15 +12,14 @@ import pytest
 
 from dicom_node.config import NodeConfig
 from dicom_node.service import NodeService
+from helpers import NODE_CLI, PROCESS_RESULT_KEYS, REPO, free_port, wait_for
 
-from .conftest import derive_series, free_port, store_files, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
+from .conftest import derive_series, store_files
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dicom_node", *args],
+        [*NODE_CLI, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -99,14 +97,7 @@ def test_process_prints_one_json_line(
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    for key in (
-        "series_instance_uid",
-        "covid_probability",
-        "lesion_volume_ml",
-        "lung_involvement_percent",
-        "seg_path",
-        "sr_path",
-    ):
+    for key in PROCESS_RESULT_KEYS:
         assert key in result
     assert Path(result["seg_path"]).is_file() and Path(result["sr_path"]).is_file()
     assert pydicom.dcmread(result["seg_path"]).Modality == "SEG"

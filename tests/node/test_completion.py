@@ -12,8 +12,9 @@ from sqlalchemy import select
 from dicom_node.config import NodeConfig
 from dicom_node.db import Job, JobState, Series, SeriesState, claim_job
 from dicom_node.service import NodeService
+from helpers import wait_for
 
-from .conftest import derive_series, store_files, wait_for
+from .conftest import derive_series, store_files
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 

@@ -14,8 +14,8 @@ from dicom_node.config import (
     load_config,
     validate_ae_title,
 )
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "node.toml"
 
 

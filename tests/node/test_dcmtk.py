@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +29,19 @@ from sqlalchemy import select
 from dicom_node.config import NodeConfig
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState
 from dicom_node.service import NodeService
-
-from .conftest import dcmtk_tool, wait_for
+from helpers import dcmtk_tool, wait_for
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=120, check=False)
+
+
+def _storescu(*options: str, port: int, paths: Iterable[Path]) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu as STORESCU to the node (CTMTL) on 127.0.0.1:`port`."""
+    return _run(
+        dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "CTMTL", *options,
+        "127.0.0.1", str(port), *map(str, paths),
+    )  # fmt: skip
 
 
 def _new_uid_copy(src: Path, dest: Path) -> Path:
@@ -144,19 +151,7 @@ def test_storescu_every_transfer_syntax(
 ) -> None:
     profile = _storescu_profile(tmp_path / "storescu.cfg", list(encoded))
     # each file goes out in its own syntax: no conversion by storescu
-    result = _run(
-        dcmtk_tool("storescu"),
-        "-aet",
-        "STORESCU",
-        "-aec",
-        "CTMTL",
-        "-xf",
-        str(profile),
-        "CTALL",
-        "127.0.0.1",
-        str(node.port),
-        *[str(p) for p in encoded.values()],
-    )
+    result = _storescu("-xf", str(profile), "CTALL", port=node.port, paths=encoded.values())
     assert result.returncode == 0, result.stderr
     assert "unable to convert" not in result.stderr
     with node.db.session() as s:
@@ -186,19 +181,7 @@ def test_storescu_real_series_completes_into_a_job(
     node: NodeService, covid_files: list[Path]
 ) -> None:
     series_dir = covid_files[0].parent
-    result = _run(
-        dcmtk_tool("storescu"),
-        "-aet",
-        "STORESCU",
-        "-aec",
-        "CTMTL",
-        "-xs",
-        "+sd",
-        "+r",
-        "127.0.0.1",
-        str(node.port),
-        str(series_dir),
-    )
+    result = _storescu("-xs", "+sd", "+r", port=node.port, paths=[series_dir])
     assert result.returncode == 0, result.stderr
 
     def queued() -> Series | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -32,8 +31,7 @@ from sqlalchemy import select
 from dicom_node.config import NodeConfig
 from dicom_node.db import Delivery, DeliveryState, Job, Result
 from dicom_node.service import NodeService
-
-from .conftest import free_port, wait_for
+from helpers import free_port, stop_process, wait_for
 
 ORTHANC = "/usr/sbin/Orthanc"
 
@@ -110,13 +108,7 @@ class Orthanc:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self.log.close()
 
 
@@ -159,14 +151,6 @@ def _referenced_sop_uids(ds: Dataset) -> set[str]:
     return uids
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    dciodvfy = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
-    if not Path(dciodvfy).exists():
-        pytest.skip("dciodvfy not installed (apt install dicom3tools)")
-    out = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=300)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
-
-
 @pytest.mark.slow
 def test_orthanc_routes_series_and_gets_seg_and_sr_back(
     orthanc_factory: Callable[[dict[str, list[Any]]], Orthanc],
@@ -174,6 +158,7 @@ def test_orthanc_routes_series_and_gets_seg_and_sr_back(
     start_node: Callable[..., NodeService],
     tiny_checkpoint: Path,
     covid_files: list[Path],
+    dciodvfy_errors: Callable[[Path], list[str]],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -228,7 +213,7 @@ def test_orthanc_routes_series_and_gets_seg_and_sr_back(
 
     # 1. dciodvfy: no errors in either object
     for modality, path in files.items():
-        errors = _dciodvfy_errors(path)
+        errors = dciodvfy_errors(path)
         assert errors == [], f"dciodvfy errors in {modality}: {errors[:10]}"
 
     # 2. highdicom reads both; same patient/study as the source, results identified
@@ -251,12 +236,14 @@ def test_orthanc_routes_series_and_gets_seg_and_sr_back(
     assert ("Percent of lung volume involved", row.lung_involvement_percent) in nums
     assert ("Volume", row.lesion_volume_ml) in nums
     logged = re.search(
-        r"job \d+ done: series (\S+) covid_probability=([\d.]+) lesion_volume_ml=([\d.]+)",
+        r"job \d+ done: series (\S+) study (\S+) covid_probability=([\d.]+) "
+        r"lesion_volume_ml=([\d.]+)",
         caplog.text,
     )
     assert logged is not None and logged.group(1) == source.SeriesInstanceUID
-    assert float(logged.group(2)) == pytest.approx(row.covid_probability, abs=5e-5)
-    assert float(logged.group(3)) == pytest.approx(row.lesion_volume_ml, abs=5e-3)
+    assert logged.group(2) == source.StudyInstanceUID
+    assert float(logged.group(3)) == pytest.approx(row.covid_probability, abs=5e-5)
+    assert float(logged.group(4)) == pytest.approx(row.lesion_volume_ml, abs=5e-3)
     refs = _referenced_sop_uids(sr)
     assert seg.SOPInstanceUID in refs
     assert source.SOPInstanceUID in refs  # and the source series

@@ -25,8 +25,7 @@ from dicom_node.db import (
     record_instance,
 )
 from dicom_node.export import Exporter, Peer, backoff_seconds, echo, queue_deliveries
-
-from .conftest import StoreSCP, free_port, wait_for
+from helpers import StoreSCP, free_port, wait_for
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:

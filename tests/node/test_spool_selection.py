@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -54,18 +53,6 @@ def test_remove_stays_inside_spool(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- selection
-
-
-@pytest.fixture(scope="module")
-def covid_headers(data_dir: Path) -> list[Dataset]:
-    files = sorted((data_dir / "dicom/ricord-1a-covid-chest-ct").glob("*.dcm"))
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-
-
-@pytest.fixture(scope="module")
-def noncovid_headers(data_dir: Path) -> list[Dataset]:
-    files = sorted((data_dir / "dicom/lung-pet-ct-dx-a0002").glob("*.dcm"))
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
 
 
 def _edited(headers: list[Dataset], **attrs: object) -> list[Dataset]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +27,9 @@ from dicom_node.db import (
     SeriesState,
 )
 from dicom_node.service import NodeService
+from helpers import NODE_CLI, StoreSCP, free_port, wait_for
 
-from .conftest import StoreSCP, derive_series, free_port, store_files, wait_for
+from .conftest import derive_series, store_files
 
 
 def _model(ckpt: Path) -> dict[str, object]:
@@ -182,7 +182,7 @@ precision = "fp32"
 """
     )
     env = {**os.environ, "CTMTL_NODE__AE_TITLE": "CTMTL"}
-    cmd = [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)]
+    cmd = [*NODE_CLI, "serve", "--config", str(config)]
 
     def start(log: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
@@ -235,7 +235,7 @@ def test_status_reads_what_happened(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text('[spool]\npath = "var"\n')
     out = subprocess.run(
-        [sys.executable, "-m", "dicom_node", "status", "--config", str(config)],
+        [*NODE_CLI, "status", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

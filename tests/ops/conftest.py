@@ -1,5 +1,6 @@
-"""Fixtures for the operations tests: a real PostgreSQL server, TLS material, a receiving
-PACS (DCMTK storescp), node processes, a tiny checkpoint and synthetic CT series."""
+"""Fixtures for the operations tests: a real PostgreSQL server, TLS material, node processes,
+configs and C-STORE with pynetdicom. The receiving PACS (DCMTK storescp), in-process nodes
+and the tiny checkpoint are shared (tests/conftest.py, tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,7 @@ import contextlib
 import glob
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,43 +17,8 @@ from typing import Any
 
 import pytest
 
+from helpers import NODE_CLI, REPO, free_port, stop_process
 from ops.certs import TestPKI, make_ca
-
-REPO = Path(__file__).resolve().parents[2]
-NODE_CLI = [sys.executable, "-m", "dicom_node"]
-INFERENCE_TASKS = ["segmentation", "classification"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def dcmtk(name: str) -> str:
-    """A DCMTK binary (not the pynetdicom app of the same name that the venv may have)."""
-    for folder in ("/usr/bin", "/usr/local/bin"):
-        path = Path(folder) / name
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    pytest.skip(f"DCMTK {name} not installed (apt install dcmtk)")
-
 
 # --------------------------------------------------------------------------- PostgreSQL
 
@@ -170,77 +133,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- model
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Width-4 random-weight checkpoint with the two inference heads."""
-    import torch
-
-    from mtl_model import CheckpointMetadata, build_model, save_checkpoint
-    from mtl_model.checkpoint import ArchitectureSpec
-
-    torch.manual_seed(0)
-    model = build_model("mtl", base_width=4, input_size=256, tasks=INFERENCE_TASKS)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    meta = CheckpointMetadata(
-        architecture=ArchitectureSpec(base_width=4, tasks=INFERENCE_TASKS),
-        model_version="0.0.0-ops-test",
-    )
-    save_checkpoint(model, meta, path)
-    return path
-
-
 # --------------------------------------------------------------------------- peers
-
-
-class StoreSCP:
-    """DCMTK storescp as the receiving PACS; unique file names so duplicates show."""
-
-    def __init__(self, folder: Path, ae_title: str = "PACS", tls: list[str] | None = None) -> None:
-        self.folder = folder
-        self.ae_title = ae_title
-        self.port = free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log_path = folder.parent / f"{folder.name}.log"
-        self._log = self.log_path.open("w")
-        cmd = [dcmtk("storescp"), "--aetitle", ae_title, "--output-directory", str(folder),
-               "--unique-filenames", *(tls or []), str(self.port)]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(self._listening, 20, f"storescp on port {self.port}")
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail(f"storescp exited with {self.proc.returncode}: {self.log_path.read_text()}")
-        return port_open(self.port)
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
-    servers: list[StoreSCP] = []
-
-    def start(name: str = "pacs", ae_title: str = "PACS", tls: list[str] | None = None) -> StoreSCP:
-        server = StoreSCP(tmp_path / name, ae_title, tls)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 class NodeProcess:
@@ -271,13 +164,7 @@ class NodeProcess:
             os.kill(self.proc.pid, sig)
 
     def stop(self, timeout: float = 60) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
         self._log.close()
         return int(self.proc.returncode)
 

@@ -4,7 +4,7 @@ status, destinations, resend, retry, purge; and the metrics of a processed serie
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ from dicom_node.admin import parse_duration
 from dicom_node.cli import main
 from dicom_node.db import Job, JobState, Result
 from dicom_node.service import NodeService
-from ops.conftest import base_sections, send_files, wait_for, write_toml
+from helpers import wait_for
+from ops.conftest import base_sections, send_files, write_toml
 from ops.synth import write_series
 from ops.test_metrics import get, value
 
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def running(
-    tmp_path: Path, tiny_checkpoint: Path, storescp: Any
-) -> Iterator[tuple[NodeService, Path, Any]]:
+    tmp_path: Path, tiny_checkpoint: Path, storescp: Any, start_node: Callable[..., NodeService]
+) -> tuple[NodeService, Path, Any]:
     pacs = storescp("pacs", "PACS")
     data = base_sections(tmp_path, model={"checkpoint": str(tiny_checkpoint), "device": "cpu"})
     data["allowed_callers"] = [{"ae_title": "MODALITY"}]
@@ -36,12 +37,8 @@ def running(
     cfg_path = write_toml(tmp_path / "node.toml", data)
     from dicom_node.config import load_config
 
-    service = NodeService(load_config(cfg_path, environ={}), config_path=cfg_path)
-    service.start()
-    try:
-        yield service, cfg_path, pacs
-    finally:
-        service.stop(timeout=60)
+    service = start_node(load_config(cfg_path, environ={}), config_path=cfg_path)
+    return service, cfg_path, pacs
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

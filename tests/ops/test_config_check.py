@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from dicom_node.cli import main
-from ops.conftest import REPO, write_toml
+from helpers import REPO
+from ops.conftest import write_toml
 
 EXAMPLE = REPO / "config" / "node.toml"
 

@@ -13,7 +13,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from ops.conftest import base_sections, free_port, port_open, send_files, wait_for, write_toml
+from helpers import free_port, port_open, wait_for
+from ops.conftest import base_sections, send_files, write_toml
 from ops.synth import write_series
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.metrics import NodeMetrics, serving, start_http_server
 from dicom_node.service import NodeService
-from ops.conftest import send_files, wait_for
+from helpers import wait_for
+from ops.conftest import send_files
 from ops.synth import write_series
 
 
@@ -126,17 +127,12 @@ def test_port_in_use_is_an_error() -> None:
 
 
 @pytest.fixture
-def scp_node(make_config: Any) -> Iterator[NodeService]:
+def scp_node(make_config: Any, start_node: Callable[..., NodeService]) -> NodeService:
     cfg = make_config(
         allowed_callers=[{"ae_title": "PACS"}],
         selection={"min_slices": 8},
     )
-    service = NodeService(cfg, worker=False, exporter=False)
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop(timeout=30)
+    return start_node(cfg, worker=False, exporter=False)
 
 
 def test_node_counts_what_was_sent(scp_node: NodeService, tmp_path: Path) -> None:
@@ -184,20 +180,18 @@ def test_node_counts_what_was_sent(scp_node: NodeService, tmp_path: Path) -> Non
     assert code == 503 and json.loads(body)["checks"]["scp"]["ok"] is False
 
 
-def test_worker_without_model_is_not_ready(make_config: Any, tmp_path: Path) -> None:
+def test_worker_without_model_is_not_ready(
+    make_config: Any, start_node: Callable[..., NodeService], tmp_path: Path
+) -> None:
     def no_model() -> Any:
         raise FileNotFoundError("checkpoint /nowhere.safetensors")
 
     cfg = make_config()
-    service = NodeService(cfg, scp=False, worker=True, exporter=False, predictor_factory=no_model)
-    service.start()
-    try:
-        assert service.metrics_server is not None
-        url = service.metrics_server.url
-        assert get(url + "/healthz")[0] == 200
-        code, body = get(url + "/readyz")
-        assert code == 503
-        assert json.loads(body)["checks"]["model"]["detail"] == "model not loaded"
-        assert value(get(url + "/metrics")[1], "ctmtl_model_loaded") == 0
-    finally:
-        service.stop(timeout=30)
+    service = start_node(cfg, scp=False, worker=True, exporter=False, predictor_factory=no_model)
+    assert service.metrics_server is not None
+    url = service.metrics_server.url
+    assert get(url + "/healthz")[0] == 200
+    code, body = get(url + "/readyz")
+    assert code == 503
+    assert json.loads(body)["checks"]["model"]["detail"] == "model not loaded"
+    assert value(get(url + "/metrics")[1], "ctmtl_model_loaded") == 0

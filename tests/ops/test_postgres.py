@@ -54,7 +54,7 @@ def test_db_upgrade_command(
 def test_db_upgrade_reports_an_unreachable_server(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ops.conftest import free_port
+    from helpers import free_port
 
     url = f"postgresql+psycopg2://ctmtl@127.0.0.1:{free_port()}/none"
     cfg = write_toml(tmp_path / "n.toml", {"database": {"url": url}})

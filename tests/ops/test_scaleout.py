@@ -23,15 +23,8 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.db import Database, Delivery, DeliveryState, Job, JobState, Result, Series
-from ops.conftest import (
-    NodeProcess,
-    base_sections,
-    free_port,
-    port_open,
-    send_files,
-    wait_for,
-    write_toml,
-)
+from helpers import free_port, port_open, wait_for
+from ops.conftest import NodeProcess, base_sections, send_files, write_toml
 from ops.synth import write_series
 from ops.test_metrics import get, value
 
@@ -168,8 +161,9 @@ def test_one_scp_three_workers_twelve_series(
     # logs: lifecycle lines keyed by UIDs, no patient name, ID or accession number
     logs = [scp.log()] + [proc.log() for proc, _ in workers]
     for uid in series:
-        assert re.search(rf"series {re.escape(uid)} complete", logs[0]), uid
-        assert sum(bool(re.search(rf"done: series {re.escape(uid)}", log)) for log in logs) == 1
+        assert re.search(rf"series {re.escape(uid)} study \S+ complete", logs[0]), uid
+        done = rf"done: series {re.escape(uid)} study \S+ "
+        assert sum(bool(re.search(done, log)) for log in logs) == 1
     for text in logs:
         assert "Synthetic" not in text and "OPS-0001" not in text and "ACC000" not in text
 

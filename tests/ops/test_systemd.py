@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.conftest import REPO
+from helpers import REPO
 
 UNITS = REPO / "systemd"
 NODE_UNIT = "ctmtl-node.service"

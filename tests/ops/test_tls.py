@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from dicom_node.tls import (
     server_context,
     tls_args,
 )
-from ops.conftest import dcmtk, free_port, send_files, write_toml
+from helpers import dcmtk_tool, free_port
+from ops.conftest import send_files, write_toml
 from ops.synth import write_series
 
 # ----------------------------------------------------------------------------- settings
@@ -69,7 +70,9 @@ def test_context_errors_name_the_file(pki: dict[str, Any], tmp_path: Path) -> No
 
 
 @pytest.fixture
-def tls_node(make_config: Any, pki: dict[str, Any]) -> Iterator[NodeService]:
+def tls_node(
+    make_config: Any, start_node: Callable[..., NodeService], pki: dict[str, Any]
+) -> NodeService:
     """A node with a plain port and a TLS port (client certificates required)."""
     node = pki["node"]
     cfg = make_config(
@@ -89,19 +92,14 @@ def tls_node(make_config: Any, pki: dict[str, Any]) -> Iterator[NodeService]:
             {"ae_title": "PLAIN"},
         ],
     )
-    service = NodeService(cfg, worker=False, exporter=False)
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop(timeout=30)
+    return start_node(cfg, worker=False, exporter=False)
 
 
 def storescu(
     port: int, files: list[Path], *tls: str, aet: str = "STORESCU"
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [dcmtk("storescu"), *tls, "-aet", aet, "-aec", "CTMTL", "-to", "10", "-ta", "10",
+        [dcmtk_tool("storescu"), *tls, "-aet", aet, "-aec", "CTMTL", "-to", "10", "-ta", "10",
          "127.0.0.1", str(port), *map(str, files)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

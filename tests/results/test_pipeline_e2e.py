@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import highdicom as hd
@@ -17,6 +16,7 @@ from pydicom.sr.codedict import codes
 from dicom_node.pipeline import SeriesResult, process_series, run_process_command, series_files
 from dicom_node.results import ResultOptions
 from dicom_node.volume import SeriesRejected
+from helpers import PROCESS_RESULT_KEYS, copy_files
 
 STAGES = {"load", "lung_mask", "inference", "seg", "sr"}
 
@@ -113,23 +113,12 @@ def test_lesions_are_thresholded_probability_inside_the_lungs(
 
 def test_run_process_command_contract(noncovid_files, tiny_checkpoint, tmp_path) -> None:
     series = tmp_path / "series"
-    series.mkdir()
-    for f in noncovid_files:
-        shutil.copy(f, series / f.name)
+    copy_files(noncovid_files, series)
     (series / "README.txt").write_text("not DICOM")
     out = run_process_command(series, tmp_path / "out", tiny_checkpoint, "cpu")
     line = json.dumps(out)  # one JSON line, as the CLI prints it
     back = json.loads(line)
-    for key in (
-        "series_instance_uid",
-        "covid_probability",
-        "lesion_volume_ml",
-        "lung_involvement_percent",
-        "seg_path",
-        "sr_path",
-        "lung_volume_ml",
-        "timings",
-    ):
+    for key in (*PROCESS_RESULT_KEYS, "lung_volume_ml", "timings"):
         assert key in back
     assert back["series_instance_uid"] == pydicom.dcmread(noncovid_files[0]).SeriesInstanceUID
     assert Path(back["seg_path"]).is_file() and Path(back["sr_path"]).is_file()

@@ -19,6 +19,7 @@ from dicom_node.results import AlgorithmInfo, ResultOptions
 from dicom_node.seg import LESION_SEGMENT, LUNG_SEGMENT
 from dicom_node.sr import COVID19, PERCENT_LUNG_INVOLVED, PROBABILITY
 from dicom_node.volume import CTVolume, load_series
+from helpers import legacy_multiframe
 
 ALGORITHM = AlgorithmInfo(
     name="ctmtl test network", model_version="1.2.3", device_uid="2.25.4242", software_version="0.1"
@@ -258,22 +259,7 @@ def test_omit_empty_frames(volume, lungs, tmp_path) -> None:
 def test_seg_from_multiframe_source(
     volume, lungs, tmp_path, dcmqi_seg_to_itk, dciodvfy_errors
 ) -> None:
-    import random
-
-    from pydicom.uid import generate_uid
-
-    datasets = [pydicom.dcmread(f) for f in volume.files]
-    random.Random(5).shuffle(datasets)
-    for ds in datasets:
-        ds.PatientName = "Lung_Dx^A0002"
-    mf = hd.legacy.LegacyConvertedEnhancedCTImage(
-        legacy_datasets=datasets,
-        series_instance_uid=generate_uid(),
-        series_number=7,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        include_dimension_index=False,
-    )
+    mf = legacy_multiframe(volume.files, seed=5, series_number=7)
     path = tmp_path / "mf.dcm"
     mf.save_as(path, enforce_file_format=True)
     mvol = load_series([path])

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -21,6 +20,7 @@ from dicom_node.volume import (
     check_geometry,
     load_series,
 )
+from helpers import legacy_multiframe
 
 
 @pytest.fixture(scope="module")
@@ -191,19 +191,7 @@ def test_unreadable_file_rejects_the_series(noncovid_files, tmp_path: Path) -> N
 @pytest.fixture(scope="module")
 def multiframe_ct(noncovid_files: list[Path]) -> pydicom.Dataset:
     """The 30-slice series as one Legacy Converted Enhanced CT instance, frames shuffled."""
-    datasets = [pydicom.dcmread(f) for f in noncovid_files]
-    random.Random(3).shuffle(datasets)
-    for ds in datasets:  # highdicom's converter copies these as-is; make them valid
-        ds.PatientName = "Lung_Dx^A0002"
-    mf = hd.legacy.LegacyConvertedEnhancedCTImage(
-        legacy_datasets=datasets,
-        series_instance_uid=generate_uid(),
-        series_number=99,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        include_dimension_index=False,  # keep the shuffled frame order
-    )
-    return mf
+    return legacy_multiframe(noncovid_files, seed=3, series_number=99)
 
 
 def test_multiframe_ct_matches_single_frame(multiframe_ct, noncovid_volume, tmp_path) -> None:

@@ -1,0 +1,199 @@
+"""Helpers shared by the test suites: ports, polling, external tools, DCMTK storescp, tiny
+random-weight models and real-data helpers.
+
+A plain module, imported as `helpers`: pytest puts `tests/` on `sys.path` for the
+top-level `tests/conftest.py` (no `__init__.py` there), as it does for `ops` and `node`.
+Fixtures built on these live in `tests/conftest.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import pydicom
+    from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_CLI = [sys.executable, "-m", "dicom_node"]
+
+COVID_SERIES = "dicom/ricord-1a-covid-chest-ct"
+NONCOVID_SERIES = "dicom/lung-pet-ct-dx-a0002"
+
+# the keys `ctmtl-node process` prints and `run_process_command` returns, at the least
+PROCESS_RESULT_KEYS = (
+    "series_instance_uid",
+    "covid_probability",
+    "lesion_volume_ml",
+    "lung_involvement_percent",
+    "seg_path",
+    "sr_path",
+)
+
+# ------------------------------------------------------------------------ network, polling
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    """Something accepts TCP connections on 127.0.0.1:`port`."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
+    """Poll until `predicate()` is truthy and return it; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
+# ------------------------------------------------------------------------ external tools
+
+
+def dcmtk_tool(name: str) -> str:
+    """A DCMTK binary (not the pynetdicom app of the same name that the venv may have)."""
+    for folder in ("/usr/bin", "/usr/local/bin"):
+        path = Path(folder) / name
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    pytest.skip(f"DCMTK {name} not installed (apt install dcmtk)")
+
+
+def find_tool(name: str) -> str:
+    """A tool from the venv (pip-installed, e.g. dcmqi) or else from PATH; skip if absent."""
+    venv_bin = Path(sys.executable).parent / name
+    found = str(venv_bin) if venv_bin.exists() else shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM a child process and wait for it; SIGKILL it after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class StoreSCP:
+    """DCMTK storescp in a temp folder: the receiving PACS of the export tests.
+
+    Accepts every transfer syntax it supports; unique file names, so that an object
+    delivered twice shows as two files. `tls` are extra storescp options (`+tls ...`).
+    DCMTK 3.6.7 has no option to bind to one address: it listens on a random free port
+    for the test only, and the node connects to it on 127.0.0.1.
+    """
+
+    def __init__(self, folder: Path, ae_title: str = "PACS", tls: Sequence[str] = ()) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_path = folder.parent / f"{folder.name}.log"
+        self._log = self.log_path.open("w")
+        cmd = [dcmtk_tool("storescp"), "--aetitle", ae_title, "--output-directory", str(folder),
+               "--accept-all", "--unique-filenames", *tls, str(self.port)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(self._listening, 20, f"storescp on port {self.port}")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"storescp exited with {self.proc.returncode}: {self.log_path.read_text()}")
+        return port_open(self.port)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+        self._log.close()
+
+
+# ------------------------------------------------------------------------ tiny models
+
+INFERENCE_TASKS = ["segmentation", "classification"]
+
+
+def tiny_model(seed: int) -> nn.Module:
+    """The width-4 network with the two inference heads and random weights (fast on CPU)."""
+    import torch
+
+    from mtl_model import build_model
+
+    torch.manual_seed(seed)
+    return build_model("mtl", base_width=4, input_size=256, tasks=INFERENCE_TASKS)
+
+
+def save_tiny_checkpoint(model: nn.Module, path: Path, model_version: str) -> Path:
+    """Save a `tiny_model` as a real checkpoint."""
+    from mtl_model import CheckpointMetadata, save_checkpoint
+    from mtl_model.checkpoint import ArchitectureSpec
+
+    meta = CheckpointMetadata(
+        architecture=ArchitectureSpec(
+            name="mtl", base_width=4, input_size=256, tasks=INFERENCE_TASKS
+        ),
+        model_version=model_version,
+        notes="random weights, tests only",
+    )
+    return save_checkpoint(model, meta, path)
+
+
+# ------------------------------------------------------------------------ DICOM
+
+
+def copy_files(files: Sequence[Path], dest: Path) -> list[Path]:
+    """Copy files into `dest` (made if missing) under their own names."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in files:
+        target = dest / f.name
+        shutil.copyfile(f, target)
+        out.append(target)
+    return out
+
+
+def legacy_multiframe(files: Sequence[Path], seed: int, series_number: int) -> pydicom.Dataset:
+    """A series as one Legacy Converted Enhanced CT instance, frames shuffled by `seed`."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    random.Random(seed).shuffle(datasets)
+    for ds in datasets:  # highdicom's converter copies these as-is; make them valid
+        ds.PatientName = "Lung_Dx^A0002"
+    return hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=datasets,
+        series_instance_uid=generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        include_dimension_index=False,  # keep the shuffled frame order
+    )
