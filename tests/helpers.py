@@ -197,3 +197,48 @@ def legacy_multiframe(files: Sequence[Path], seed: int, series_number: int) -> p
         instance_number=1,
         include_dimension_index=False,  # keep the shuffled frame order
     )
+
+
+def add_done_result(
+    db: Any,
+    destinations: Any,
+    seg_path: Path,
+    sr_path: Path,
+    *,
+    study_uid: str = "1.2.3",
+    series_uid: str = "1.2.3.4",
+    instance_file: str = "/x.dcm",
+    calling_ae: str = "PACS",
+) -> int:
+    """Rows as the worker leaves them: one instance, a done job, its result and one queued
+    delivery per destination; returns the result id (export tests start from here)."""
+    from sqlalchemy import select
+
+    from dicom_node.db import InstanceRecord, Job, JobState, Result, Series, record_instance
+    from dicom_node.export import queue_deliveries
+
+    db.upgrade()
+    record_instance(
+        db,
+        InstanceRecord(
+            study_uid, series_uid, f"{series_uid}.1", "1.2.840.10008.5.1.4.1.1.2", None,
+            instance_file, 1, "0" * 64, calling_ae=calling_ae,
+        ),
+    )  # fmt: skip
+    with db.session() as s:
+        series = s.scalars(select(Series)).one()
+        job = Job(series_id=series.id, state=JobState.DONE, n_instances=1, attempts=1)
+        s.add(job)
+        s.flush()
+        row = Result(
+            job_id=job.id,
+            series_id=series.id,
+            covid_probability=0.5,
+            lesion_volume_ml=0.0,
+            seg_path=str(seg_path),
+            sr_path=str(sr_path),
+        )
+        s.add(row)
+        s.flush()
+        queue_deliveries(s, row, destinations)
+        return int(row.id)

@@ -17,15 +17,9 @@ from dicom_node.db import (
     Database,
     Delivery,
     DeliveryState,
-    InstanceRecord,
-    Job,
-    JobState,
-    Result,
-    Series,
-    record_instance,
 )
-from dicom_node.export import Exporter, Peer, backoff_seconds, echo, queue_deliveries
-from helpers import StoreSCP, free_port, wait_for
+from dicom_node.export import Exporter, Peer, backoff_seconds, echo
+from helpers import StoreSCP, add_done_result, free_port, wait_for
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
@@ -61,38 +55,7 @@ def black_hole() -> Iterator[int]:
 
 def _db_with_result(cfg: NodeConfig, result: Any) -> tuple[Database, int]:
     db = Database(cfg.database_url)
-    db.upgrade()
-    record_instance(
-        db,
-        InstanceRecord(
-            "1.2.3",
-            "1.2.3.4",
-            "1.2.3.4.5",
-            "1.2.840.10008.5.1.4.1.1.2",
-            None,
-            "/x.dcm",
-            1,
-            "0" * 64,
-            calling_ae="PACS",
-        ),
-    )
-    with db.session() as s:
-        series = s.scalars(select(Series)).one()
-        job = Job(series_id=series.id, state=JobState.DONE, n_instances=1, attempts=1)
-        s.add(job)
-        s.flush()
-        row = Result(
-            job_id=job.id,
-            series_id=series.id,
-            covid_probability=0.5,
-            lesion_volume_ml=0.0,
-            seg_path=str(result.seg_path),
-            sr_path=str(result.sr_path),
-        )
-        s.add(row)
-        s.flush()
-        queue_deliveries(s, row, cfg.destinations)
-        return db, row.id
+    return db, add_done_result(db, cfg.destinations, result.seg_path, result.sr_path)
 
 
 def _deliveries(db: Database) -> dict[str, Delivery]:

@@ -16,46 +16,19 @@ from dicom_node.db import (
     Database,
     Delivery,
     DeliveryState,
-    InstanceRecord,
-    Job,
-    JobState,
-    Result,
-    Series,
-    record_instance,
 )
-from dicom_node.export import Exporter, queue_deliveries
+from dicom_node.export import Exporter
+from helpers import add_done_result
 from ops.synth import write_series
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.1.2"
 
 
 def _result_with_deliveries(db: Database, cfg: Any, files: list[Path]) -> int:
-    """Rows as the worker leaves them: a done job, its result, one delivery per route."""
-    db.upgrade()
-    record_instance(
-        db,
-        InstanceRecord(
-            STUDY, SERIES, f"{SERIES}.1", "1.2.840.10008.5.1.4.1.1.2", None, str(files[0]), 1,
-            "0" * 64, calling_ae="MODALITY",
-        ),
+    return add_done_result(
+        db, cfg.destinations, files[0], files[1], study_uid=STUDY, series_uid=SERIES,
+        instance_file=str(files[0]), calling_ae="MODALITY",
     )  # fmt: skip
-    with db.session() as s:
-        series = s.scalars(select(Series)).one()
-        job = Job(series_id=series.id, state=JobState.DONE, n_instances=1, attempts=1)
-        s.add(job)
-        s.flush()
-        row = Result(
-            job_id=job.id,
-            series_id=series.id,
-            covid_probability=0.5,
-            lesion_volume_ml=1.0,
-            seg_path=str(files[0]),
-            sr_path=str(files[1]),
-        )
-        s.add(row)
-        s.flush()
-        queue_deliveries(s, row, cfg.destinations)
-        return row.id
 
 
 def _delivery(db: Database) -> Delivery:

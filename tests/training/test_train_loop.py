@@ -1,0 +1,168 @@
+"""The training loop on real images at tiny width: learning, resume, stopping rules."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl_model import build_model, load_checkpoint
+from training.augment import augment_batch
+from training.config import AugmentConfig, LossConfig
+from training.data import concat_slice_sets, load_covid_ct, load_medseg_png
+from training.losses import MultiTaskLoss
+from training.trainer import fit
+
+
+@pytest.mark.slow
+def test_few_cpu_steps_lower_the_loss_on_real_images(mini_data: Path) -> None:
+    s = concat_slice_sets(
+        [
+            load_covid_ct(mini_data / "covid-ct", "val", 64),
+            load_medseg_png(mini_data / "medseg-100", "val", 64),
+        ]
+    )
+    batch = {
+        "image": s.images.float() / 255.0,
+        "mask": s.masks.float(),
+        "has_mask": s.has_mask,
+        "label": s.labels,
+        "has_label": s.has_label,
+    }
+    torch.manual_seed(0)
+    model = build_model("mtl", base_width=4, input_size=64)
+    loss_fn = MultiTaskLoss(LossConfig())
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss, _ = loss_fn(model(batch["image"]), batch)
+        model.train()
+        return float(loss)
+
+    # BatchNorm running statistics need a few batches before eval-mode losses mean much
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(batch["image"])
+    before = eval_loss()
+    for _ in range(25):
+        loss, _ = loss_fn(model(batch["image"]), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert after < before - 0.1, (before, after)
+
+
+def test_augmentation_keeps_range_and_masks(mini_data: Path) -> None:
+    s = load_medseg_png(mini_data / "medseg-100", "val", 64)
+    x, m = s.images.float() / 255.0, s.masks.float()
+    cfg = AugmentConfig()
+    ax, am = augment_batch(x, m, cfg, torch.Generator().manual_seed(1))
+    assert ax.shape == x.shape and am.shape == m.shape
+    assert float(ax.min()) >= 0.0 and float(ax.max()) <= 1.0
+    assert set(torch.unique(am).tolist()) <= {0.0, 1.0}
+    assert not torch.equal(ax, x)
+    # lesions move with the image but keep roughly their size (scale 0.9-1.1)
+    ratio = am.sum() / m.sum()
+    assert 0.6 < float(ratio) < 1.5
+    bx, _ = augment_batch(x, m, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(ax, bx)  # seeded
+    off = AugmentConfig(enabled=False)
+    assert augment_batch(x, m, off, torch.Generator())[0] is x
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_resume_continues_where_it_stopped(mini_data: Path, tmp_path: Path, tiny_config) -> None:
+    cfg = tiny_config(train={"epochs": 3, "max_steps_per_epoch": 3})
+    straight = fit(cfg, tmp_path / "straight", mini_data, progress=False)
+    assert straight.epochs_run == 3 and straight.stopped.startswith("all 3 epochs")
+
+    part = fit(cfg, tmp_path / "split", mini_data, progress=False, max_epochs=1)
+    assert part.epochs_run == 1 and "resumable" in part.stopped
+    assert [r["epoch"] for r in _rows(tmp_path / "split")] == ["1"]
+    resumed = fit(cfg, tmp_path / "split", mini_data, progress=False)
+    assert [r["epoch"] for r in _rows(tmp_path / "split")] == ["1", "2", "3"]
+    assert [r["step"] for r in _rows(tmp_path / "split")] == ["3", "6", "9"]
+    assert resumed.best_epoch == straight.best_epoch
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # a finished run resumes to nothing new
+    again = fit(cfg, tmp_path / "split", mini_data, progress=False)
+    assert again.epochs_run == 3 and len(_rows(tmp_path / "split")) == 3
+
+    # the best checkpoint is an mtl_model checkpoint describing the run
+    _model, meta = load_checkpoint(tmp_path / "split" / "best.safetensors")
+    assert meta.architecture.base_width == 4 and meta.architecture.input_size == 64
+    assert meta.training["experiment"] == "tiny"
+    assert meta.training["data"]["train"][0]["slices"] == 12
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["epochs_run"] == 3 and summary["steps"] == 9
+
+    # a different network in the same folder is refused
+    other = tiny_config(model={"architecture": "mtl", "base_width": 8, "input_size": 64})
+    with pytest.raises(RuntimeError, match="use a new --out"):
+        fit(other, tmp_path / "split", mini_data, progress=False)
+
+
+def test_early_stopping_and_time_budget(mini_data: Path, tmp_path: Path, tiny_config) -> None:
+    # lr so small nothing changes: the validation score cannot improve after epoch 1
+    cfg = tiny_config(
+        train={"epochs": 10, "max_steps_per_epoch": 1, "lr": 1e-12, "patience": 2},
+        augment={"enabled": False},
+    )
+    res = fit(cfg, tmp_path / "es", mini_data, progress=False)
+    assert res.stopped.startswith("early stop") and res.epochs_run == 3
+    assert res.best_epoch == 1
+
+    budget = tiny_config(train={"epochs": 10, "max_minutes": 1e-4})
+    res = fit(budget, tmp_path / "budget", mini_data, progress=False)
+    assert res.stopped.startswith("time budget") and res.epochs_run == 1
+    assert int(_rows(tmp_path / "budget")[0]["step"]) == 1
+
+
+def test_fine_tune_from_release_style_checkpoint_on_dicom_seg(
+    data_dir: Path, tmp_path: Path, tiny_config, make_seg_case
+) -> None:
+    """A corrected series (CT + SEG) becomes training data for a network initialised from
+    an inference-only checkpoint (no reconstruction head)."""
+    from mtl_model import save_checkpoint
+    from training.trainer import build_metadata
+
+    make_seg_case(data_dir, tmp_path / "corrected" / "case1", n=4)
+    torch.manual_seed(1)
+    src = build_model("mtl", 4, 64, tasks=("segmentation", "classification"))
+    ck = tmp_path / "release.safetensors"
+    save_checkpoint(src.eval(), build_metadata(tiny_config(), {}, {}, "src"), ck)
+    cfg = tiny_config(
+        data={
+            "train": [{"kind": "dicom_seg", "path": str(tmp_path / "corrected"), "split": "all"}],
+            "val": [{"kind": "dicom_seg", "path": str(tmp_path / "corrected"), "split": "all"}],
+        },
+        train={"epochs": 1, "batch_size": 2, "lr": 1e-12, "init_from": str(ck)},
+    )
+    res = fit(cfg, tmp_path / "ft", tmp_path, progress=False)
+    assert res.epochs_run == 1 and "dice" in res.best_metrics
+    last = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)["model"]
+    w = "encoder.blocks.0.0.weight"
+    torch.testing.assert_close(last[w], src.state_dict()[w], rtol=0, atol=1e-6)
+    assert any(k.startswith("reconstruction.") for k in last)  # fresh T1 head added
+    bad = tiny_config(
+        model={"architecture": "mtl", "base_width": 8, "input_size": 64},
+        train={"epochs": 1, "init_from": str(ck)},
+    )
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        fit(bad, tmp_path / "bad", tmp_path, progress=False)
