@@ -1,0 +1,222 @@
+"""Experiment configuration: one TOML file per experiment, validated by pydantic.
+
+A config names the network (passed to ``mtl_model.build_model``), the data sets for
+training and validation (folder formats as in ../shared/data), the loss weights, the
+optimiser and the augmentation. Relative data paths are resolved against the data root
+(``--data``, else env ``CTMTL_DATA``, else ``../shared/data`` beside the repository), so the
+same file works on a laptop, in CI and on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mtl_model import TASKS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DatasetKind = Literal["covid_ct", "medseg_png", "medseg_nifti", "dicom_seg"]
+Split = Literal["train", "val", "test", "all"]
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used, with the file and the reason."""
+
+
+def default_data_root() -> Path:
+    """Env ``CTMTL_DATA``, else ``../shared/data`` relative to the repository root."""
+    env = os.environ.get("CTMTL_DATA")
+    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Arguments of ``mtl_model.build_model``."""
+
+    architecture: Literal["mtl", "unet", "cnn8"] = "mtl"
+    base_width: int = Field(64, ge=1)
+    input_size: int = Field(256, ge=32)
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TASKS]
+        if bad or not v:
+            raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}, got {v}")
+        return [t for t in TASKS if t in v]
+
+    @model_validator(mode="after")
+    def _arch_tasks(self) -> ModelConfig:
+        if self.architecture == "unet" and self.tasks != ["segmentation"]:
+            raise ValueError("architecture 'unet' has tasks = ['segmentation'] only")
+        if self.architecture == "cnn8" and self.tasks != ["classification"]:
+            raise ValueError("architecture 'cnn8' has tasks = ['classification'] only")
+        if self.input_size % 32:
+            raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
+        return self
+
+
+class DatasetSpec(_Strict):
+    """One data set in one of the supported folder formats, and which part of it to use."""
+
+    kind: DatasetKind
+    path: str
+    split: Split = "train"
+    # MedSeg fixed split: sorted by file name (or slice index for NIfTI), every
+    # ``val_every``-th slice starting at ``val_offset`` is validation, the rest training.
+    val_every: int = Field(5, ge=2)
+    val_offset: int = Field(0, ge=0)
+    # How many times each sample appears per epoch (oversampling a small set).
+    repeat: int = Field(1, ge=1)
+    # False: drop this set's class labels from training (its slices then train only
+    # segmentation and reconstruction). MedSeg slices are all COVID-positive real CT, while
+    # UCSD non-COVID images are figures; labelling MedSeg lets the classifier learn "real
+    # CT look = COVID" (see docs/experiments.md).
+    use_class_label: bool = True
+    # dicom_seg only: class label for every slice (None = no classification label).
+    covid_label: bool | None = None
+    # dicom_seg only: segment labels to use as lesion (empty = every segment except lung).
+    segment_labels: list[str] = Field(default_factory=list)
+
+    def resolve(self, data_root: Path) -> Path:
+        p = Path(os.path.expanduser(self.path))
+        return p if p.is_absolute() else data_root / p
+
+
+class DataConfig(_Strict):
+    train: list[DatasetSpec]
+    val: list[DatasetSpec] = Field(default_factory=list)
+
+
+class LossConfig(_Strict):
+    """Task weights of the global loss (paper: 1, 1, 1) and the Dice smoothing term."""
+
+    reconstruction: float = Field(1.0, ge=0)
+    segmentation: float = Field(1.0, ge=0)
+    classification: float = Field(1.0, ge=0)
+    dice_smooth: float = Field(1.0, gt=0)
+
+
+class AugmentConfig(_Strict):
+    """Batched on-device augmentation; window jitter lets PNG-trained weights meet HU input."""
+
+    enabled: bool = True
+    hflip: float = Field(0.5, ge=0, le=1)
+    rotate_deg: float = Field(10.0, ge=0, le=180)
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = Field(0.06, ge=0, le=0.5)
+    window_jitter: float = Field(0.08, ge=0, le=0.5)
+    gamma: tuple[float, float] = (0.8, 1.25)
+    noise_std: float = Field(0.01, ge=0, le=0.5)
+    blur_prob: float = Field(0.2, ge=0, le=1)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(500, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    patience: int = Field(35, ge=1)
+    # Stop after this many minutes of training (0 = no limit); counts across resumes.
+    max_minutes: float = Field(0.0, ge=0)
+    # Cap on optimiser steps per epoch (0 = one pass over the training set).
+    max_steps_per_epoch: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    grad_clip: float = Field(0.0, ge=0)
+    val_every: int = Field(1, ge=1)
+    val_batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0)
+    # CPU runs: intra-op threads (0 = torch's default). On a shared, oversubscribed CPU one
+    # thread per process is steadier than OpenMP spinning on busy cores.
+    cpu_threads: int = Field(0, ge=0)
+    # Start from the weights of an mtl_model checkpoint (fine-tuning, e.g. on corrected
+    # DICOM SEG series); heads it lacks (a release has no reconstruction) start fresh.
+    init_from: str | None = None
+    tensorboard: bool = False
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Validate a config mapping; errors name the source and every bad field."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        ]
+        raise ConfigError(f"invalid training config {source}:\n" + "\n".join(lines)) from exc
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a TOML experiment file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"training config {path} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"training config {path} is not valid TOML: {exc}") from exc
+    return parse_config(raw, str(path))
+
+
+def dump_toml(cfg: ExperimentConfig) -> str:
+    """Serialise a config back to TOML (runs keep the exact config they used)."""
+    return _to_toml(cfg.model_dump(mode="json"))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _to_toml(d: dict[str, Any], prefix: str = "") -> str:
+    out: list[str] = []
+    scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and not _is_table_list(v)}
+    for k, v in scalars.items():
+        if v is None:
+            continue
+        out.append(f"{k} = {_fmt(v)}")
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.append(f"\n[{name}]")
+            out.append(_to_toml(v, prefix=f"{name}.").strip("\n"))
+        elif _is_table_list(v):
+            for item in v:
+                out.append(f"\n[[{name}]]")
+                out.append(_to_toml(item, prefix=f"{name}.").strip("\n"))
+    return "\n".join(x for x in out if x) + "\n"
+
+
+def _is_table_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)

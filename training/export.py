@@ -1,0 +1,172 @@
+"""``ctmtl-train export``: a run's best weights -> the self-describing release checkpoint.
+
+Keeps the inference heads only (encoder, segmentation, classification; the reconstruction
+decoder is a training-time helper), stores fp16 weights (half the size; the node loads
+them as float32), gives the checkpoint a fresh device UID (the IHE AI Results equipment
+identity changes with every retrained model) and writes into its metadata the training
+configuration, the data summary and the validation metrics measured on exactly the
+shipped (fp16-rounded) weights with ``mtl_model.Predictor``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtl_model import (
+    CheckpointError,
+    Predictor,
+    build_model,
+    default_checkpoint_path,
+    load_checkpoint,
+    new_device_uid,
+    save_checkpoint,
+)
+from mtl_model.checkpoint import CheckpointMetadata
+from training.config import ExperimentConfig, default_data_root, load_config
+from training.evaluate import evaluate
+
+logger = logging.getLogger(__name__)
+
+MAX_RELEASE_BYTES = 70 * 1024 * 1024
+INFERENCE_TASKS = ("segmentation", "classification")
+
+
+def _val_paths(
+    run_cfg: ExperimentConfig | None, data_root: Path
+) -> tuple[Path | None, Path | None]:
+    """The UCSD and MedSeg folders a run validated on (defaults: the shared data layout)."""
+    covid = data_root / "covid-ct"
+    medseg = data_root / "medseg-100"
+    if run_cfg is not None:
+        for spec in run_cfg.data.val:
+            if spec.kind == "covid_ct":
+                covid = spec.resolve(data_root)
+            elif spec.kind in ("medseg_png", "medseg_nifti"):
+                medseg = spec.resolve(data_root)
+    return (covid if covid.exists() else None), (medseg if medseg.exists() else None)
+
+
+def export_release(
+    run_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    version: str | None = None,
+    data_root: str | Path | None = None,
+    evaluate_val: bool = True,
+    notes: str | None = None,
+    device: str = "auto",
+    n_boot: int = 2000,
+) -> Path:
+    """Write the inference-only fp16 checkpoint; returns its path."""
+    if checkpoint is None:
+        if run_dir is None:
+            raise ValueError("export needs --run or --checkpoint")
+        checkpoint = Path(run_dir) / "best.safetensors"
+    src = Path(checkpoint)
+    out_path = Path(out) if out is not None else default_checkpoint_path()
+    model, meta = load_checkpoint(src, device="cpu")
+    keep = [t for t in meta.architecture.tasks if t in INFERENCE_TASKS]
+    if not keep:
+        raise CheckpointError(
+            f"checkpoint {src} has no inference head (segmentation or classification)"
+        )
+    arch = meta.architecture
+    inf = build_model(arch.name, arch.base_width, arch.input_size, arch.in_channels, keep)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("reconstruction.")}
+    inf.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for t in inf.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())  # evaluate exactly what is shipped
+    inf.eval()
+
+    run_cfg = None
+    run_summary: dict[str, Any] = {}
+    if run_dir is not None:
+        rd = Path(run_dir)
+        if (rd / "config.toml").is_file():
+            run_cfg = load_config(rd / "config.toml")
+        if (rd / "summary.json").is_file():
+            run_summary = json.loads((rd / "summary.json").read_text(encoding="utf-8"))
+    training = dict(meta.training)
+    training["source_checkpoint"] = str(src)
+    training["source_model_version"] = meta.model_version
+    if run_summary:
+        training["run"] = {
+            k: run_summary.get(k)
+            for k in (
+                "experiment",
+                "best_epoch",
+                "epochs_run",
+                "steps",
+                "stopped",
+                "elapsed_s",
+                "precision",
+                "machine",
+            )
+        }
+    if version is None:
+        name = training.get("experiment", "model")
+        version = f"0.1.0+{name}.e{training.get('epoch', 0)}"
+    new_meta = CheckpointMetadata(
+        architecture=arch.model_copy(update={"tasks": keep}),
+        preprocessing=meta.preprocessing,
+        labels=meta.labels,
+        model_name=meta.model_name,
+        model_version=version,
+        device_uid=new_device_uid(),
+        training=training,
+        metrics=dict(meta.metrics),
+        notes=notes if notes is not None else meta.notes,
+    )
+    if evaluate_val:
+        root = Path(data_root) if data_root is not None else default_data_root()
+        covid, medseg = _val_paths(run_cfg, root)
+        if covid is None and medseg is None:
+            raise FileNotFoundError(f"no validation data under {root}; pass --data or --no-eval")
+        report_dir = Path(run_dir) / "export_val_report" if run_dir is not None else None
+        predictor = Predictor.from_model(inf, new_meta, device=device)
+        res = evaluate(
+            covid_ct=covid,
+            split="val",
+            medseg=medseg,
+            medseg_split="val",
+            report_dir=report_dir,
+            json_out=(report_dir / "val.json") if report_dir is not None else None,
+            predictor=predictor,
+            n_boot=n_boot,
+        )
+        metrics = dict(new_meta.metrics)
+        metrics["validation"] = {k: res[k] for k in ("classification", "segmentation") if k in res}
+        metrics["validation"]["measured_with"] = (
+            f"mtl_model.Predictor on {res['device']} ({res['precision']}), fp16 weights, "
+            "UCSD official val split, MedSeg fixed val slices (every 5th sorted file)"
+        )
+        new_meta = new_meta.model_copy(update={"metrics": metrics})
+    path = save_checkpoint(inf, new_meta, out_path, dtype=torch.float16, tasks=keep)
+    size = path.stat().st_size
+    if size > MAX_RELEASE_BYTES:
+        raise CheckpointError(
+            f"exported checkpoint {path} is {size / 2**20:.1f} MiB, over the 70 MB release limit"
+        )
+    v = new_meta.metrics.get("validation", {})
+    logger.info(
+        "exported %s (%.1f MiB, %s, heads %s): AUC %s, Dice %s",
+        path,
+        size / 2**20,
+        version,
+        keep,
+        _num(v.get("classification", {}).get("auc")),
+        _num(v.get("segmentation", {}).get("dice")),
+    )
+    return path
+
+
+def _num(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else "n/a"
