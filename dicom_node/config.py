@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,11 +31,6 @@ from pydantic import (
 from dicom_node.results import ResultOptions
 from dicom_node.selection import SelectionRules
 from dicom_node.tls import InboundTLSSettings, TLSSettings
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 def utcnow() -> dt.datetime:
     """Naive UTC (why: SQLite drops time zones, so every timestamp is stored naive UTC)."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def series_label(series_uid: str, study_uid: str | None) -> str:

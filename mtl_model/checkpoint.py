@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,7 +97,7 @@ class CheckpointMetadata(BaseModel):
     model_name: str = "ctmtl Amyar-2020 multi-task network"
     model_version: str = "0.0.0"
     device_uid: str = Field(default_factory=lambda: new_device_uid())
-    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     weights_dtype: str = "float32"
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -169,6 +169,9 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(state, str(tmp), metadata={METADATA_KEY: meta.model_dump_json()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # readable like any other file, e.g. by the node's user
     os.replace(tmp, path)
     logger.info("saved checkpoint %s (%s, heads %s, %s)", path, meta.model_version, keep, dtype)
     return path

@@ -10,10 +10,10 @@ same file works on a laptop, in CI and on a GPU machine.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtl_model import TASKS

@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -367,7 +367,7 @@ def evaluate(
     }
     result["device"] = str(predictor.device)
     result["precision"] = predictor.precision
-    result["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["evaluated"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["inputs"] = {
         "covid_ct": str(covid_ct) if covid_ct is not None else None,
         "split": split,

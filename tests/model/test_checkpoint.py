@@ -149,3 +149,8 @@ def test_invalid_metadata(tmp_path: Path, patch: dict[str, object], message: str
     save_file({"w": torch.zeros(1)}, str(path), metadata={METADATA_KEY: json.dumps(raw)})
     with pytest.raises(CheckpointError, match=message):
         read_metadata(path)
+
+
+def test_saved_file_is_readable_by_others(tmp_path: Path) -> None:
+    path = save_checkpoint(_perturbed_model(), _meta(), tmp_path / "m.safetensors")
+    assert path.stat().st_mode & 0o044 == 0o044  # the node often runs as another user
