@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mtl_model.network import ARCHITECTURES, TASKS, build_model, model_tasks
+from mtl_model.network import ARCHITECTURES, TASKS, build_model, canonical_tasks, model_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ class ArchitectureSpec(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in TASKS]
-        if bad or not v:
-            raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}, got {v}")
+        canonical_tasks(v)  # validation only: a stored order is kept as written
         return v
 
 

@@ -38,6 +38,15 @@ TASKS: tuple[str, ...] = ("reconstruction", "segmentation", "classification")
 ARCHITECTURES: tuple[str, ...] = ("mtl", "unet", "cnn8")
 
 
+def canonical_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
+    """Validate a task list and put it in the canonical order (T1, T2, T3)."""
+    given = list(tasks)
+    unknown = [t for t in given if t not in TASKS]
+    if unknown or not given:
+        raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}, got {given}")
+    return tuple(t for t in TASKS if t in given)
+
+
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1, bias=False),
@@ -133,10 +142,7 @@ class MTLNet(nn.Module):
         tasks: Iterable[str] = TASKS,
     ) -> None:
         super().__init__()
-        task_set = tuple(t for t in TASKS if t in set(tasks))
-        unknown = set(tasks) - set(TASKS)
-        if unknown or not task_set:
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
+        task_set = canonical_tasks(tasks)
         if input_size % 32 != 0:
             raise ValueError(f"input_size must be a multiple of 32, got {input_size}")
         self.base_width = base_width

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtl_model import TASKS
+from mtl_model.network import canonical_tasks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,10 +50,7 @@ class ModelConfig(_Strict):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in TASKS]
-        if bad or not v:
-            raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}, got {v}")
-        return [t for t in TASKS if t in v]
+        return list(canonical_tasks(v))
 
     @model_validator(mode="after")
     def _arch_tasks(self) -> ModelConfig:
