@@ -355,11 +355,12 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+def merge_tables(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge of TOML tables: env overrides, CLI overrides and test configs use it."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_tables(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -419,9 +420,9 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, [("(syntax)", str(exc))]) from None
         base = p.resolve().parent
-    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    data = merge_tables(data, env_overrides(os.environ if environ is None else environ))
     if overrides:
-        data = _merge(data, overrides)
+        data = merge_tables(data, overrides)
     try:
         cfg = NodeConfig.model_validate(data)
     except ValidationError as exc:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from dicom_node.config import merge_tables
 from helpers import NODE_CLI, REPO, free_port, stop_process
 from ops.certs import TestPKI, make_ca
 
@@ -186,16 +187,6 @@ def node_process(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
 # --------------------------------------------------------------------------- configs
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def base_sections(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     """Config data for a test node: temp spool, free ports, short timings, 8-slice series."""
     base: dict[str, Any] = {
@@ -208,7 +199,7 @@ def base_sections(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "model": {"device": "cpu", "batch_size": 8},
         "metrics": {"enabled": True, "port": 0},
     }
-    return merge(base, sections)
+    return merge_tables(base, sections)
 
 
 @pytest.fixture
