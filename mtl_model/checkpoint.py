@@ -24,7 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mtl_model.network import ARCHITECTURES, TASKS, build_model, canonical_tasks, model_tasks
+from mtl_model.network import (
+    ARCHITECTURES,
+    TASKS,
+    build_model,
+    canonical_tasks,
+    model_tasks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,9 @@ class ArchitectureSpec(BaseModel):
     input_size: int = Field(256, ge=32)
     in_channels: int = Field(1, ge=1)
     tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+    # T3 head: the paper's 2x2 max-pool + flatten, or global average pooling (mtl only).
+    # Checkpoints written before this field existed have the paper's head.
+    classifier_pooling: Literal["max2x2_flatten", "global_average"] = "max2x2_flatten"
 
     @field_validator("tasks")
     @classmethod
@@ -209,7 +218,12 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path}: unknown architecture {arch.name!r}")
     try:
         model = build_model(
-            arch.name, arch.base_width, arch.input_size, arch.in_channels, arch.tasks
+            arch.name,
+            arch.base_width,
+            arch.input_size,
+            arch.in_channels,
+            arch.tasks,
+            arch.classifier_pooling,
         )
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: cannot build the network: {exc}") from exc

@@ -46,6 +46,8 @@ class ModelConfig(_Strict):
     base_width: int = Field(64, ge=1)
     input_size: int = Field(256, ge=32)
     tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+    # T3 head of the mtl network: the paper's "max2x2_flatten" or "global_average".
+    classifier_pooling: Literal["max2x2_flatten", "global_average"] = "max2x2_flatten"
 
     @field_validator("tasks")
     @classmethod
@@ -58,6 +60,12 @@ class ModelConfig(_Strict):
             raise ValueError("architecture 'unet' has tasks = ['segmentation'] only")
         if self.architecture == "cnn8" and self.tasks != ["classification"]:
             raise ValueError("architecture 'cnn8' has tasks = ['classification'] only")
+        if self.classifier_pooling != "max2x2_flatten" and (
+            self.architecture != "mtl" or "classification" not in self.tasks
+        ):
+            raise ValueError(
+                "classifier_pooling applies to architecture 'mtl' with the classification task"
+            )
         if self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
         return self
@@ -135,6 +143,9 @@ class TrainConfig(_Strict):
     compile: bool = False
     grad_clip: float = Field(0.0, ge=0)
     val_every: int = Field(1, ge=1)
+    # Epochs between resumable states (last.pt: weights + Adam moments, ~0.6 GB at width 64);
+    # the last epoch of a run is always saved. On a fast GPU an epoch takes about a second.
+    checkpoint_every: int = Field(1, ge=1)
     val_batch_size: int = Field(32, ge=1)
     num_workers: int = Field(0, ge=0)
     # CPU runs: intra-op threads (0 = torch's default). On a shared, oversubscribed CPU one

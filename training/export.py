@@ -77,7 +77,9 @@ def export_release(
             f"checkpoint {src} has no inference head (segmentation or classification)"
         )
     arch = meta.architecture
-    inf = build_model(arch.name, arch.base_width, arch.input_size, arch.in_channels, keep)
+    inf = build_model(
+        arch.name, arch.base_width, arch.input_size, arch.in_channels, keep, arch.classifier_pooling
+    )
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("reconstruction.")}
     inf.load_state_dict(state, strict=True)
     with torch.no_grad():

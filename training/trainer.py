@@ -48,7 +48,13 @@ from mtl_model import (
 )
 from mtl_model.checkpoint import ArchitectureSpec, PreprocessingSpec
 from training.augment import augment_batch
-from training.config import REPO_ROOT, ExperimentConfig, default_data_root, dump_toml
+from training.config import (
+    REPO_ROOT,
+    ExperimentConfig,
+    ModelConfig,
+    default_data_root,
+    dump_toml,
+)
 from training.data import SliceDataset, SliceSet, concat_slice_sets, load_spec
 from training.losses import MultiTaskLoss
 from training.metrics import classification_metrics, segmentation_metrics
@@ -198,6 +204,7 @@ def build_metadata(
             input_size=m.input_size,
             in_channels=1,
             tasks=list(m.tasks),
+            classifier_pooling=m.classifier_pooling,
         ),
         preprocessing=PreprocessingSpec(input_size=m.input_size),
         model_version=version,
@@ -297,6 +304,14 @@ def _lr_factor(cfg: ExperimentConfig, step: int, total_steps: int, elapsed: floa
     return warm * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
+def _saved_model(saved: dict[str, Any]) -> Any:
+    """A run's stored model section with today's defaults filled in (older runs lack fields)."""
+    try:
+        return ModelConfig.model_validate(saved.get("model")).model_dump(mode="json")
+    except ValueError:
+        return saved.get("model")
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
@@ -390,7 +405,7 @@ def fit(
     if resume and last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         saved = state.get("config", {})
-        if saved.get("model") != cfg.model.model_dump(mode="json"):
+        if _saved_model(saved) != cfg.model.model_dump(mode="json"):
             raise TrainingError(
                 f"{last_path} was trained with model {saved.get('model')}, the config now says "
                 f"{cfg.model.model_dump(mode='json')}; use a new --out folder or --no-resume"
@@ -404,7 +419,9 @@ def fit(
 
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    model = build_model(m.architecture, m.base_width, m.input_size, 1, m.tasks).to(dev)
+    model = build_model(
+        m.architecture, m.base_width, m.input_size, 1, m.tasks, m.classifier_pooling
+    ).to(dev)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if state is None and t.init_from:
@@ -659,7 +676,7 @@ def fit(
             finished, stopped = True, f"time budget of {t.max_minutes} min reached"
         elif epoch >= t.epochs:
             finished, stopped = True, f"all {t.epochs} epochs done"
-        if di.main:
+        if di.main and (finished or epoch == end_epoch or epoch % t.checkpoint_every == 0):
             _atomic_torch_save(
                 {
                     "model": model.state_dict(),

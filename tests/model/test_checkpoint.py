@@ -124,6 +124,27 @@ def test_mismatched_architecture(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
+def test_classifier_pooling_is_part_of_the_architecture(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = build_model("mtl", 4, 64, classifier_pooling="global_average").eval()
+    meta = _meta(
+        architecture={"base_width": 4, "input_size": 64, "classifier_pooling": "global_average"}
+    )
+    path = save_checkpoint(model, meta, tmp_path / "gap.safetensors")
+    loaded, meta2 = load_checkpoint(path)
+    assert meta2.architecture.classifier_pooling == "global_average"
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)["classification"], loaded(x)["classification"])
+    # metadata without the field (checkpoints written before it existed) means the paper head
+    assert _meta().architecture.classifier_pooling == "max2x2_flatten"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    lying = tmp_path / "lying.safetensors"
+    save_file(state, str(lying), metadata={METADATA_KEY: _meta().model_dump_json()})
+    with pytest.raises(CheckpointError, match=r"classification\.mlp\.0\.weight has shape"):
+        load_checkpoint(lying)
+
+
 def test_missing_tensors(tmp_path: Path) -> None:
     model = _perturbed_model()
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("classification.")}

@@ -80,9 +80,36 @@ def test_baselines() -> None:
     assert cnn(torch.rand(2, 1, 64, 64))["classification"].shape == (2,)
 
 
+def test_global_average_classifier_head() -> None:
+    torch.manual_seed(0)
+    paper = build_model("mtl", 4, 64)
+    gap = build_model("mtl", 4, 64, classifier_pooling="global_average")
+    assert paper.classification is not None and gap.classification is not None
+    # same tensor names (pooling holds no weights); only Dense 128's input width differs
+    assert paper.state_dict().keys() == gap.state_dict().keys()
+    assert paper.classification.mlp[0].in_features == 8 * 2 * 2
+    assert gap.classification.mlp[0].in_features == 8
+    # the global head does not depend on the bottleneck size
+    assert build_model("mtl", 4, 128, classifier_pooling="global_average").state_dict()[
+        "classification.mlp.0.weight"
+    ].shape == (128, 8)
+    out = gap.eval()(torch.rand(3, 1, 64, 64))
+    assert out["classification"].shape == (3,)
+    assert out["segmentation"].shape == (3, 1, 64, 64)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"classifier_pooling": "median"}, "unknown classifier_pooling"),
+        (
+            {
+                "architecture": "cnn8",
+                "tasks": ["classification"],
+                "classifier_pooling": "global_average",
+            },
+            "architecture 'mtl' only",
+        ),
         ({"architecture": "resnet"}, "unknown architecture"),
         ({"tasks": ["denoise"]}, "tasks must be"),
         ({"input_size": 100}, "multiple of 32"),

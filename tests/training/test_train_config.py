@@ -73,6 +73,18 @@ def test_bad_configs_name_the_field(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="classifier_pooling applies"):
+        parse_config(
+            {
+                "name": "c",
+                "model": {
+                    "architecture": "cnn8",
+                    "tasks": ["classification"],
+                    "classifier_pooling": "global_average",
+                },
+                "data": {"train": [{"kind": "covid_ct", "path": "c"}]},
+            }
+        )
     with pytest.raises(ConfigError, match="unet"):
         parse_config(
             {

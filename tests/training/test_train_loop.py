@@ -118,6 +118,38 @@ def test_resume_continues_where_it_stopped(mini_data: Path, tmp_path: Path, tiny
         fit(other, tmp_path / "split", mini_data, progress=False)
 
 
+@pytest.mark.slow
+def test_checkpoint_every_saves_resumable_state_less_often(
+    mini_data: Path, tmp_path: Path, tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.trainer as trainer
+
+    saved: list[int] = []
+    real_save = trainer._atomic_torch_save
+
+    def recording_save(obj: dict, path: Path) -> None:
+        saved.append(int(obj["epoch"]))
+        real_save(obj, path)
+
+    monkeypatch.setattr(trainer, "_atomic_torch_save", recording_save)
+    cfg = tiny_config(
+        model={
+            "architecture": "mtl",
+            "base_width": 4,
+            "input_size": 64,
+            "classifier_pooling": "global_average",
+        },
+        train={"epochs": 5, "max_steps_per_epoch": 1, "checkpoint_every": 2},
+    )
+    fit(cfg, tmp_path / "run", mini_data, progress=False, max_epochs=3)
+    assert saved == [2, 3]  # every 2nd epoch, and the epoch a run pauses at
+    fit(cfg, tmp_path / "run", mini_data, progress=False)
+    assert saved == [2, 3, 4, 5]
+    assert [r["epoch"] for r in _rows(tmp_path / "run")] == ["1", "2", "3", "4", "5"]
+    _model, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert meta.architecture.classifier_pooling == "global_average"
+
+
 def test_early_stopping_and_time_budget(mini_data: Path, tmp_path: Path, tiny_config) -> None:
     # lr so small nothing changes: the validation score cannot improve after epoch 1
     cfg = tiny_config(
