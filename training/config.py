@@ -148,8 +148,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(1, ge=1)
     val_batch_size: int = Field(32, ge=1)
     num_workers: int = Field(0, ge=0)
-    # CPU runs: intra-op threads (0 = torch's default). On a shared, oversubscribed CPU one
-    # thread per process is steadier than OpenMP spinning on busy cores.
+    # Intra-op CPU threads (0 = torch's default, one per core). On a shared, oversubscribed
+    # CPU one thread per process is steadier than OpenMP spinning on busy cores; on a GPU
+    # the host only collates and draws augmentation parameters.
     cpu_threads: int = Field(0, ge=0)
     # Start from the weights of an mtl_model checkpoint (fine-tuning, e.g. on corrected
     # DICOM SEG series); heads it lacks (a release has no reconstruction) start fresh.
