@@ -26,7 +26,9 @@ from torch import nn
 
 from mtl_model.network import (
     ARCHITECTURES,
+    PAPER_POOLING,
     TASKS,
+    ClassifierPooling,
     build_model,
     canonical_tasks,
     model_tasks,
@@ -62,7 +64,7 @@ class ArchitectureSpec(BaseModel):
     tasks: list[str] = Field(default_factory=lambda: list(TASKS))
     # T3 head: the paper's 2x2 max-pool + flatten, or global average pooling (mtl only).
     # Checkpoints written before this field existed have the paper's head.
-    classifier_pooling: Literal["max2x2_flatten", "global_average"] = "max2x2_flatten"
+    classifier_pooling: ClassifierPooling = PAPER_POOLING
 
     @field_validator("tasks")
     @classmethod

@@ -33,15 +33,16 @@ Choices where the paper is silent or ambiguous (Keras text, no code):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 TASKS: tuple[str, ...] = ("reconstruction", "segmentation", "classification")
 ARCHITECTURES: tuple[str, ...] = ("mtl", "unet", "cnn8")
-PAPER_POOLING = "max2x2_flatten"
-CLASSIFIER_POOLINGS: tuple[str, ...] = (PAPER_POOLING, "global_average")
+ClassifierPooling = Literal["max2x2_flatten", "global_average"]
+CLASSIFIER_POOLINGS: tuple[str, ...] = get_args(ClassifierPooling)
+PAPER_POOLING: ClassifierPooling = "max2x2_flatten"
 
 
 def canonical_tasks(tasks: Iterable[str]) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtl_model import TASKS
-from mtl_model.network import canonical_tasks
+from mtl_model.network import PAPER_POOLING, ClassifierPooling, canonical_tasks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ class ModelConfig(_Strict):
     input_size: int = Field(256, ge=32)
     tasks: list[str] = Field(default_factory=lambda: list(TASKS))
     # T3 head of the mtl network: the paper's "max2x2_flatten" or "global_average".
-    classifier_pooling: Literal["max2x2_flatten", "global_average"] = "max2x2_flatten"
+    classifier_pooling: ClassifierPooling = PAPER_POOLING
 
     @field_validator("tasks")
     @classmethod
@@ -60,7 +60,7 @@ class ModelConfig(_Strict):
             raise ValueError("architecture 'unet' has tasks = ['segmentation'] only")
         if self.architecture == "cnn8" and self.tasks != ["classification"]:
             raise ValueError("architecture 'cnn8' has tasks = ['classification'] only")
-        if self.classifier_pooling != "max2x2_flatten" and (
+        if self.classifier_pooling != PAPER_POOLING and (
             self.architecture != "mtl" or "classification" not in self.tasks
         ):
             raise ValueError(
