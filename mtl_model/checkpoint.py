@@ -72,6 +72,17 @@ class ArchitectureSpec(BaseModel):
         canonical_tasks(v)  # validation only: a stored order is kept as written
         return v
 
+    def build(self, tasks: list[str] | None = None) -> nn.Module:
+        """The network this spec describes (optionally with only some of its heads)."""
+        return build_model(
+            self.name,
+            self.base_width,
+            self.input_size,
+            self.in_channels,
+            self.tasks if tasks is None else tasks,
+            self.classifier_pooling,
+        )
+
 
 class PreprocessingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -219,14 +230,7 @@ def load_checkpoint(
     if arch.name not in ARCHITECTURES:
         raise CheckpointError(f"checkpoint {path}: unknown architecture {arch.name!r}")
     try:
-        model = build_model(
-            arch.name,
-            arch.base_width,
-            arch.input_size,
-            arch.in_channels,
-            arch.tasks,
-            arch.classifier_pooling,
-        )
+        model = arch.build()
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: cannot build the network: {exc}") from exc
     expected = model.state_dict()

@@ -21,7 +21,6 @@ import torch
 from mtl_model import (
     CheckpointError,
     Predictor,
-    build_model,
     default_checkpoint_path,
     load_checkpoint,
     new_device_uid,
@@ -77,9 +76,7 @@ def export_release(
             f"checkpoint {src} has no inference head (segmentation or classification)"
         )
     arch = meta.architecture
-    inf = build_model(
-        arch.name, arch.base_width, arch.input_size, arch.in_channels, keep, arch.classifier_pooling
-    )
+    inf = arch.build(keep)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("reconstruction.")}
     inf.load_state_dict(state, strict=True)
     with torch.no_grad():
