@@ -197,11 +197,19 @@ def test_orthanc_routes_series_and_gets_seg_and_sr_back(
 
     result_series = wait_for(results_in_pacs, 600, "SEG + SR in Orthanc", step=1.0)
     elapsed = time.monotonic() - t0
+
+    # Orthanc holds both objects before the node's association is released and the
+    # delivery row committed, so wait for the row rather than assume it
+    def delivery_done() -> Delivery | None:
+        with node.db.session() as s:
+            [d] = s.scalars(select(Delivery)).all()
+            return d if d.state == DeliveryState.DONE else None
+
+    delivery = wait_for(delivery_done, 60, "delivery marked done", step=0.2)
+    assert delivery.destination == "pacs"
     with node.db.session() as s:
         [row] = s.scalars(select(Result)).all()
-        [delivery] = s.scalars(select(Delivery)).all()
         [job_row] = s.scalars(select(Job)).all()
-    assert delivery.state == DeliveryState.DONE and delivery.destination == "pacs"
     print(f"routed -> results in PACS: {elapsed:.1f} s; node timings {job_row.timings}")
 
     files: dict[str, Path] = {}
