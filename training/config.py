@@ -155,7 +155,19 @@ class TrainConfig(_Strict):
     # Start from the weights of an mtl_model checkpoint (fine-tuning, e.g. on corrected
     # DICOM SEG series); heads it lacks (a release has no reconstruction) start fresh.
     init_from: str | None = None
+    # Top-level modules of the network that keep their weights and BatchNorm statistics
+    # (mtl: encoder, reconstruction, segmentation, classification). Freezing the encoder and
+    # the classifier fine-tunes the lesion decoder alone and leaves the COVID probability
+    # of every image exactly as it was; frozen parts also cost no backward pass.
+    freeze: list[str] = Field(default_factory=list)
     tensorboard: bool = False
+
+    @field_validator("freeze")
+    @classmethod
+    def _unique_freeze(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"freeze names a module twice: {v}")
+        return v
 
 
 class ExperimentConfig(_Strict):

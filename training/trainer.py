@@ -27,7 +27,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,6 +366,31 @@ def _init_from_checkpoint(model: nn.Module, path: Path) -> None:
     )
 
 
+def _freeze(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """Stop gradients in the named top-level modules; the loop keeps them in eval mode."""
+    children = dict(model.named_children())
+    missing = [n for n in names if n not in children]
+    if missing:
+        raise TrainingError(
+            f"train.freeze names {missing}, which this network does not have "
+            f"(its modules: {sorted(children)})"
+        )
+    frozen = [children[n] for n in names]
+    for mod in frozen:
+        mod.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not trainable:
+        raise TrainingError(f"train.freeze {list(names)} leaves nothing to train")
+    if names:
+        logger.info(
+            "frozen: %s; %d of %d parameters train",
+            ", ".join(names),
+            trainable,
+            sum(p.numel() for p in model.parameters()),
+        )
+    return frozen
+
+
 def fit(
     cfg: ExperimentConfig,
     out_dir: str | Path,
@@ -432,7 +457,10 @@ def fit(
         if not init.is_absolute() and not init.exists():
             init = REPO_ROOT / init  # config files name repository paths
         _init_from_checkpoint(model, init)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    frozen = _freeze(model, t.freeze)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     data = load_data(cfg, root)
     dataset = _RepeatedSlices(data.train, data.parts, data.repeats)
@@ -552,6 +580,8 @@ def fit(
         gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, di.rank) + 1)
         sampler.set_epoch(epoch)
         train_model.train()
+        for mod in frozen:
+            mod.eval()  # BatchNorm running statistics stay those of the frozen weights
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         n_slices = 0

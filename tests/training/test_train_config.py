@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mtl_model.checkpoint import default_checkpoint_path, read_metadata
 from training.config import ConfigError, dump_toml, load_config, parse_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config" / "train"
@@ -52,6 +53,21 @@ def test_medseg_split_is_recorded_in_configs() -> None:
             )
 
 
+def test_configs_that_fine_tune_the_release_describe_its_network() -> None:
+    """init_from the shipped checkpoint only works with the network it holds."""
+    arch = read_metadata(default_checkpoint_path()).architecture
+    users = []
+    for path in CONFIG_DIR.glob("*.toml"):
+        cfg = load_config(path)
+        if cfg.train.init_from == "mtl_model/weights/ctmtl-release.safetensors":
+            users.append(path.stem)
+            m = cfg.model
+            got = (m.architecture, m.base_width, m.input_size, m.classifier_pooling)
+            want = (arch.name, arch.base_width, arch.input_size, arch.classifier_pooling)
+            assert got == want, path.name
+    assert {"finetune_corrected", "release_finetune_seg"} <= set(users)
+
+
 def test_dump_toml_round_trips() -> None:
     cfg = load_config(CONFIG_DIR / "release_cpu.toml")
     again = parse_config(tomllib.loads(dump_toml(cfg)))
@@ -83,6 +99,14 @@ def test_bad_configs_name_the_field(tmp_path: Path) -> None:
                     "classifier_pooling": "global_average",
                 },
                 "data": {"train": [{"kind": "covid_ct", "path": "c"}]},
+            }
+        )
+    with pytest.raises(ConfigError, match="freeze names a module twice"):
+        parse_config(
+            {
+                "name": "f",
+                "data": {"train": [{"kind": "covid_ct", "path": "c"}]},
+                "train": {"freeze": ["encoder", "encoder"]},
             }
         )
     with pytest.raises(ConfigError, match="unet"):

@@ -198,3 +198,42 @@ def test_fine_tune_from_release_style_checkpoint_on_dicom_seg(
     )
     with pytest.raises(RuntimeError, match="differ in shape"):
         fit(bad, tmp_path / "bad", tmp_path, progress=False)
+
+
+@pytest.mark.slow
+def test_frozen_modules_keep_weights_and_batchnorm_statistics(
+    mini_data: Path, tmp_path: Path, tiny_config
+) -> None:
+    """Fine-tuning the lesion decoder alone leaves encoder and classifier bit-identical."""
+    from mtl_model import save_checkpoint
+    from training.trainer import TrainingError, build_metadata
+
+    torch.manual_seed(2)
+    src = build_model("mtl", 4, 64, tasks=("segmentation", "classification"))
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as a trained release has
+        src.train()(torch.rand(8, 1, 64, 64))
+    ck = tmp_path / "release.safetensors"
+    save_checkpoint(src.eval(), build_metadata(tiny_config(), {}, {}, "src"), ck)
+    cfg = tiny_config(
+        model={"architecture": "mtl", "base_width": 4, "input_size": 64,
+               "tasks": ["segmentation", "classification"]},
+        train={"epochs": 2, "max_steps_per_epoch": 3, "lr": 1e-2, "init_from": str(ck),
+               "freeze": ["encoder", "classification"]},
+    )  # fmt: skip
+    fit(cfg, tmp_path / "ft", mini_data, progress=False)
+    last = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)["model"]
+    before = src.state_dict()
+    frozen = [k for k in before if k.split(".")[0] in ("encoder", "classification")]
+    assert any("running_mean" in k for k in frozen)
+    for k in frozen:
+        assert torch.equal(last[k], before[k]), k
+    changed = [k for k in before if k.startswith("segmentation.") and k.endswith("weight")]
+    assert changed and all(not torch.equal(last[k], before[k]) for k in changed)
+
+    for freeze, match in (
+        (["encoder", "decoder"], r"does not have \(its modules: \['classification', 'encoder'"),
+        (["encoder", "segmentation", "classification"], "leaves nothing to train"),
+    ):
+        bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"freeze": freeze})})
+        with pytest.raises(TrainingError, match=match):
+            fit(bad, tmp_path / f"bad{len(freeze)}", mini_data, progress=False)
