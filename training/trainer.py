@@ -438,6 +438,12 @@ def fit(
                 f"{last_path} was trained with model {saved.get('model')}, the config now says "
                 f"{cfg.model.model_dump(mode='json')}; use a new --out folder or --no-resume"
             )
+        saved_freeze = saved.get("train", {}).get("freeze", [])
+        if saved_freeze != t.freeze:
+            raise TrainingError(
+                f"{last_path} was trained with train.freeze {saved_freeze}, the config now says "
+                f"{t.freeze}; use a new --out folder or --no-resume"
+            )
         if saved != cfg.model_dump(mode="json"):
             logger.warning("resuming %s with a config that differs from the saved one", out)
         if state.get("finished"):

@@ -230,6 +230,10 @@ def test_frozen_modules_keep_weights_and_batchnorm_statistics(
     changed = [k for k in before if k.startswith("segmentation.") and k.endswith("weight")]
     assert changed and all(not torch.equal(last[k], before[k]) for k in changed)
 
+    unfrozen = cfg.model_copy(update={"train": cfg.train.model_copy(update={"freeze": []})})
+    with pytest.raises(TrainingError, match=r"trained with train.freeze \['encoder'"):
+        fit(unfrozen, tmp_path / "ft", mini_data, progress=False)  # resume: Adam state differs
+
     for freeze, match in (
         (["encoder", "decoder"], r"does not have \(its modules: \['classification', 'encoder'"),
         (["encoder", "segmentation", "classification"], "leaves nothing to train"),
