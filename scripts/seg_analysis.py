@@ -23,7 +23,7 @@ import torch
 from mtl_model import Predictor, resize_slices
 from mtl_model.checkpoint import default_checkpoint_path
 from training.config import default_data_root
-from training.data import covid_ct_files, read_gray_image
+from training.data import covid_ct_files, masks_to_grid, read_gray_image
 from training.evaluate import medseg_slices
 from training.metrics import classification_metrics, dice_counts, dice_from_counts
 
@@ -73,8 +73,7 @@ def main() -> None:
     print(f"{p.metadata.model_version} on {args.data}, grid {p.input_size}")
     medseg = {s: medseg_slices(args.data / "medseg-100", s) for s in ("train", "val")}
     for split, (_, images, truth) in medseg.items():
-        t = torch.from_numpy(truth.astype(np.float32))[:, None]
-        grid = (resize_slices(t, p.input_size) >= 0.5).float()
+        grid = masks_to_grid(list(truth), p.input_size).float()  # what training sees
         back = resize_slices(grid, truth.shape[1:])[:, 0].numpy() >= 0.5
         label = f"MedSeg {split:5s} ({len(truth)} slices)"
         print(f"{label} grid ceiling: {dice_line(back, truth)}")
