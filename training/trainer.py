@@ -433,17 +433,16 @@ def fit(
     if resume and last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         saved = state.get("config", {})
-        if _saved_model(saved) != cfg.model.model_dump(mode="json"):
-            raise TrainingError(
-                f"{last_path} was trained with model {saved.get('model')}, the config now says "
-                f"{cfg.model.model_dump(mode='json')}; use a new --out folder or --no-resume"
-            )
-        saved_freeze = saved.get("train", {}).get("freeze", [])
-        if saved_freeze != t.freeze:
-            raise TrainingError(
-                f"{last_path} was trained with train.freeze {saved_freeze}, the config now says "
-                f"{t.freeze}; use a new --out folder or --no-resume"
-            )
+        # what the saved weights and Adam state depend on must not change under them
+        for what, was, now in (
+            ("model", _saved_model(saved), cfg.model.model_dump(mode="json")),
+            ("train.freeze", saved.get("train", {}).get("freeze", []), t.freeze),
+        ):
+            if was != now:
+                raise TrainingError(
+                    f"{last_path} was trained with {what} {was}, the config now says {now}; "
+                    "use a new --out folder or --no-resume"
+                )
         if saved != cfg.model_dump(mode="json"):
             logger.warning("resuming %s with a config that differs from the saved one", out)
         if state.get("finished"):
