@@ -160,6 +160,11 @@ class TrainConfig(_Strict):
     # the classifier fine-tunes the lesion decoder alone and leaves the COVID probability
     # of every image exactly as it was; frozen parts also cost no backward pass.
     freeze: list[str] = Field(default_factory=list)
+    # Every BatchNorm layer normalises with, and keeps, the running statistics it starts
+    # with (their scale and shift still train). For fine-tuning with small batches (a CPU,
+    # one corrected series): batch-of-8 statistics of mixed sources are noisy, and the
+    # running averages then drift away from what the frozen or barely moved layers expect.
+    freeze_batchnorm: bool = False
     tensorboard: bool = False
 
     @field_validator("freeze")

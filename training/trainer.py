@@ -366,8 +366,12 @@ def _init_from_checkpoint(model: nn.Module, path: Path) -> None:
     )
 
 
-def _freeze(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
-    """Stop gradients in the named top-level modules; the loop keeps them in eval mode."""
+def _freeze(model: nn.Module, names: Sequence[str], batchnorm: bool) -> list[nn.Module]:
+    """Stop gradients in the named top-level modules; returns what the loop keeps in eval mode.
+
+    That is the frozen modules and, with ``batchnorm``, every BatchNorm layer: in eval mode
+    BatchNorm normalises with its running statistics and leaves them unchanged.
+    """
     children = dict(model.named_children())
     missing = [n for n in names if n not in children]
     if missing:
@@ -388,6 +392,10 @@ def _freeze(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
             trainable,
             sum(p.numel() for p in model.parameters()),
         )
+    if batchnorm:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        logger.info("BatchNorm statistics frozen in %d layers", len(norms))
+        frozen += norms
     return frozen
 
 
@@ -462,7 +470,7 @@ def fit(
         if not init.is_absolute() and not init.exists():
             init = REPO_ROOT / init  # config files name repository paths
         _init_from_checkpoint(model, init)
-    frozen = _freeze(model, t.freeze)
+    frozen = _freeze(model, t.freeze, t.freeze_batchnorm)
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
     )
@@ -586,7 +594,7 @@ def fit(
         sampler.set_epoch(epoch)
         train_model.train()
         for mod in frozen:
-            mod.eval()  # BatchNorm running statistics stay those of the frozen weights
+            mod.eval()  # its BatchNorm running statistics stay as they were
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         n_slices = 0

@@ -241,3 +241,36 @@ def test_frozen_modules_keep_weights_and_batchnorm_statistics(
         bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"freeze": freeze})})
         with pytest.raises(TrainingError, match=match):
             fit(bad, tmp_path / f"bad{len(freeze)}", mini_data, progress=False)
+
+
+def test_freeze_batchnorm_keeps_running_statistics_and_trains_the_rest(
+    mini_data: Path, tmp_path: Path, tiny_config
+) -> None:
+    """Small-batch fine-tuning: every BatchNorm keeps its statistics, weights still move."""
+    from mtl_model import save_checkpoint
+    from training.trainer import build_metadata
+
+    torch.manual_seed(3)
+    src = build_model("mtl", 4, 64, tasks=("segmentation", "classification"))
+    with torch.no_grad():
+        src.train()(torch.rand(8, 1, 64, 64))
+    ck = tmp_path / "release.safetensors"
+    save_checkpoint(src.eval(), build_metadata(tiny_config(), {}, {}, "src"), ck)
+    before = src.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for freeze_batchnorm in (True, False):
+        cfg = tiny_config(
+            model={"architecture": "mtl", "base_width": 4, "input_size": 64,
+                   "tasks": ["segmentation", "classification"]},
+            train={"epochs": 1, "max_steps_per_epoch": 3, "lr": 1e-2, "init_from": str(ck),
+                   "freeze_batchnorm": freeze_batchnorm},
+        )  # fmt: skip
+        out = tmp_path / f"ft_{freeze_batchnorm}"
+        fit(cfg, out, mini_data, progress=False)
+        last = torch.load(out / "last.pt", weights_only=False)["model"]
+        kept = [k for k in stats if torch.equal(last[k], before[k])]
+        assert kept == (stats if freeze_batchnorm else []), freeze_batchnorm
+        moved = [k for k in before if k.endswith("weight") and not torch.equal(last[k], before[k])]
+        assert any(".1.weight" in k for k in moved)  # BatchNorm scales train either way
+        assert any(k.startswith("encoder.") and ".0.weight" in k for k in moved)
