@@ -23,8 +23,8 @@ import torch
 from mtl_model import Predictor, resize_slices
 from mtl_model.checkpoint import default_checkpoint_path
 from training.config import default_data_root
-from training.data import covid_ct_files, masks_to_grid, read_gray_image
-from training.evaluate import medseg_slices
+from training.data import covid_ct_files, masks_to_grid
+from training.evaluate import medseg_slices, ucsd_network_input
 from training.metrics import classification_metrics, dice_counts, dice_from_counts
 
 FLIPS: dict[str, list[tuple[int, ...]]] = {
@@ -85,14 +85,8 @@ def main() -> None:
     _, images, truth = medseg["val"]
     x_seg = resize_slices(torch.from_numpy(images)[:, None], p.input_size)
     items = covid_ct_files(args.data / "covid-ct", "val")
-    x_cls = torch.cat(
-        [
-            resize_slices(
-                torch.from_numpy(read_gray_image(f)).float()[None, None] / 255.0, p.input_size
-            )
-            for f, _ in items
-        ]
-    ).clamp(0.0, 1.0)
+    x_cls = torch.from_numpy(np.stack([ucsd_network_input(f, p.input_size) for f, _ in items]))
+    x_cls = x_cls[:, None]  # (N, 1, H, W)
     labels = np.array([int(lab) for _, lab in items])
     for name, flips in FLIPS.items():
         seg, _ = flipped(p, x_seg, flips)

@@ -101,6 +101,12 @@ def medseg_slices(
     return [f"{image_path.name}#{i}" for i in idx], vol[idx], mask[idx]
 
 
+def ucsd_network_input(path: Path, size: int) -> np.ndarray:
+    """A UCSD figure as the network sees it: grey / 255, resized to the grid, in [0, 1]."""
+    img = torch.from_numpy(read_gray_image(path)).float().div_(255.0)[None]
+    return resize_slices(img, size)[0].clamp_(0.0, 1.0).numpy()
+
+
 def evaluate_classification(
     predictor: Predictor, root: Path, split: str, n_boot: int = 2000
 ) -> tuple[dict[str, Any], list[tuple[str, int, float]]]:
@@ -118,8 +124,7 @@ def evaluate_classification(
             batch.clear()
 
     for path, _ in items:
-        img = torch.from_numpy(read_gray_image(path)).float().div_(255.0)[None]
-        batch.append(resize_slices(img, size)[0].clamp_(0.0, 1.0).numpy())
+        batch.append(ucsd_network_input(path, size))
         if len(batch) >= predictor.batch_size:
             flush()
     flush()
