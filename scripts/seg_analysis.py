@@ -22,10 +22,10 @@ import torch
 
 from mtl_model import Predictor, resize_slices
 from mtl_model.checkpoint import default_checkpoint_path
+from mtl_model.metrics import classification_metrics, dice_counts, dice_from_counts
 from training.config import default_data_root
 from training.data import covid_ct_files, masks_to_grid
 from training.evaluate import medseg_slices, ucsd_network_input
-from training.metrics import classification_metrics, dice_counts, dice_from_counts
 
 FLIPS: dict[str, list[tuple[int, ...]]] = {
     "none": [()],

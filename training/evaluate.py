@@ -36,6 +36,14 @@ import numpy as np
 import torch
 
 from mtl_model import Predictor, resize_slices
+from mtl_model.metrics import (
+    auc_ci,
+    classification_metrics,
+    dice_cis,
+    dice_counts,
+    dice_from_counts,
+    write_roc_png,
+)
 from training.data import (
     DataError,
     covid_ct_files,
@@ -45,14 +53,6 @@ from training.data import (
     read_gray_image,
     read_nifti_volumes,
     split_indices,
-)
-from training.metrics import (
-    auc_ci,
-    classification_metrics,
-    dice_cis,
-    dice_counts,
-    dice_from_counts,
-    roc_curve,
 )
 
 logger = logging.getLogger(__name__)
@@ -168,27 +168,6 @@ def evaluate_segmentation(
         "grid": list(images.shape[1:]),
     }
     return res, names, images, truth, prob, per
-
-
-def write_roc_png(labels: np.ndarray, probs: np.ndarray, auc: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fpr, tpr, _ = roc_curve(labels, probs)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    ax.plot(fpr, tpr, lw=2, label=f"AUC {auc:.3f}")
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title("COVID-19 vs non-COVID (slice)")
-    ax.legend(loc="lower right")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def write_overlay_png(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, path: Path) -> None:
@@ -323,7 +302,9 @@ def evaluate(
             if rdir is not None:
                 labels = np.array([r[1] for r in rows])
                 probs = np.array([r[2] for r in rows])
-                write_roc_png(labels, probs, cres["auc"], rdir / "roc.png")
+                write_roc_png(
+                    labels, probs, cres["auc"], rdir / "roc.png", "COVID-19 vs non-COVID (slice)"
+                )
                 _write_csv(rdir / "classification.csv", ["image", "label", "probability"], rows)
         else:
             result["classification"] = {

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mtl_model import build_model, save_checkpoint
+from mtl_model.metrics import classification_metrics, roc_auc
 from training.cli import main
-from training.metrics import classification_metrics, roc_auc
 from training.trainer import build_metadata
 
 

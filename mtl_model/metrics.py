@@ -5,12 +5,16 @@
 * Dice per slice at threshold 0.5 (a slice where both truth and prediction are empty
   scores 1) and pooled Dice over all slices (sum of intersections over sum of sizes).
 * Percentile bootstrap 95% intervals, resampling slices (images) with replacement, seeded.
+
+Shared by training (slice and pixel figures) and the node (``ctmtl-node evaluate``, series
+figures), so that a series AUC and a slice AUC are the same computation.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -153,3 +157,27 @@ def dice_cis(
     mean_ci = bootstrap_ci(lambda idx: float(per[idx].mean()), per.size, **kw)  # type: ignore[arg-type]
     pooled_ci = bootstrap_ci(pooled, per.size, **kw)  # type: ignore[arg-type]
     return mean_ci, pooled_ci
+
+
+def write_roc_png(
+    labels: np.ndarray, probs: np.ndarray, auc: float, path: Path, title: str
+) -> None:
+    """The ROC curve as a PNG (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr, _ = roc_curve(labels, probs)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.metrics import (
+from mtl_model.metrics import (
     auc_ci,
     bootstrap_ci,
     classification_metrics,
