@@ -30,13 +30,15 @@ Typical use:
   ctmtl-node echo pacs --config config/node.toml  C-ECHO a configured destination
   ctmtl-node status --config config/node.toml     recent series and jobs
   ctmtl-node process SERIES_DIR --out OUT         one series folder, no network
+  ctmtl-node evaluate --series LABELS.csv --json OUT   score the verdict on labelled series
   ctmtl-node config check config/node.toml        validate a config file
   ctmtl-node worker --config config/node.toml     a worker alone (scale-out, one per GPU)
   ctmtl-node destinations --echo --config ...     configured peers, C-ECHO each
   ctmtl-node retry JOB | resend SERIES_UID | purge --older-than 30d | db upgrade
 
 Exit status: 0 success, 1 action failed or refused, 2 invalid configuration or usage,
-3 series rejected (process) / config file unreadable (config check), 4 config syntax error.
+3 series rejected (process) / config file unreadable (config check), 4 config syntax error;
+evaluate: 1 no series could be scored, 2 malformed labels CSV or checkpoint.
 """
 
 _PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
@@ -220,6 +222,44 @@ def cmd_process(args: argparse.Namespace) -> int:
         print(f"series rejected: {exc.reason}", file=sys.stderr)
         return 3
     print(json.dumps(out, default=str))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score the node's series verdict on a labels CSV; exit 1 when nothing was scored."""
+    from dicom_node.evaluate import LabelsError, evaluate_series, read_labels
+    from mtl_model import CheckpointError, Predictor
+
+    try:
+        read_labels(args.series)  # refuse a bad CSV before loading the model
+    except LabelsError as exc:
+        print(f"error: labels {exc.path}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    options = _load(args.config).results if args.config else None
+    try:
+        predictor = Predictor(checkpoint=args.checkpoint, device=args.device)
+    except (CheckpointError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = evaluate_series(args.series, predictor, args.json, args.report, options)
+    m = result["metrics"]
+    for f in result["failures"]:
+        print(f"{f['status']}: {f['path']}: {f['reason']}", file=sys.stderr)
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    print(
+        f"{m['n_scored']} of {m['n']} series scored ({m['n_rejected']} rejected, "
+        f"{m['n_failed']} failed): AUC {fmt(m['auc'])}, accuracy {fmt(m['accuracy'])}, "
+        f"sensitivity {fmt(m['sensitivity'])}, specificity {fmt(m['specificity'])} "
+        f"at {m['threshold']:g}; JSON in {args.json}"
+    )
+    if not m["n_scored"]:
+        print("error: no series could be scored", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -441,6 +481,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="model checkpoint (default: the shipped one)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(func=cmd_process)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score the series COVID-19 verdict on labelled series folders",
+        description="Run the node's own path (load, checks, lung mask, network, series "
+        "aggregation, threshold) on every series of a labels CSV (header 'path,covid', "
+        "covid 0 or 1, paths relative to the CSV or starting with $CTMTL_DATA/). A path is a "
+        "DICOM series folder or an ordered stack of 8-bit lung-window PNG slices. Writes "
+        "series AUC, accuracy / sensitivity / specificity at the node's threshold and each "
+        "series' figures to --json, and with --report a ROC PNG, report.md and series.csv. "
+        "Rejected and unreadable series are listed with their reason. Exit 0 when at least "
+        "one series was scored, 1 when none was, 2 for a malformed CSV or checkpoint.",
+    )
+    p.add_argument("--series", required=True, metavar="LABELS.csv", help="labels CSV")
+    p.add_argument("--json", required=True, metavar="OUT", help="JSON results file")
+    p.add_argument("--report", metavar="DIR", help="folder for roc.png, report.md, series.csv")
+    p.add_argument("--checkpoint", help="model checkpoint (default: the shipped one)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--config", help="node TOML config whose [results] thresholds apply")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
         "echo",

@@ -1,11 +1,14 @@
 """One series in, SEG + SR (+ optional overlay SC) out: load -> lung mask -> network -> DICOM.
 
 ``process_series`` is what the worker runs per job and what ``ctmtl-node process`` runs
-(through :func:`run_process_command`). The series-level COVID probability comes from the
-Predictor, which aggregates the slice probabilities over the slices that contain lung.
-The lesion mask is ``probability >= threshold`` inside the lung mask; volumes are voxel
-counts times the voxel volume. :func:`write_results` is the seam after inference (given
-masks and a probability), used by tests to check that a known lesion lands where drawn.
+(through :func:`run_process_command`); :func:`analyse_volume` is its part between the
+loaded volume and the DICOM writers, which ``ctmtl-node evaluate`` runs unchanged on every
+series it scores. The series-level COVID probability comes from the Predictor, which
+aggregates the slice probabilities over the slices that contain lung (the rule is in
+``mtl_model.predictor``). The lesion mask is ``probability >= threshold`` inside the lung
+mask; volumes are voxel counts times the voxel volume. :func:`write_results` is the seam
+after inference (given masks and a probability), used by tests to check that a known
+lesion lands where drawn.
 """
 
 from __future__ import annotations
@@ -52,8 +55,11 @@ class SeriesResult:
     sr_sop_instance_uid: str
     model_version: str
     device_uid: str
+    covid_threshold: float = 0.5
     extra_paths: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    #: per source slice, patient order (see :meth:`SeriesAnalysis.slice_figures`)
+    slices: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The ``ctmtl-node process`` JSON line (DESIGN.md contract), paths as strings."""
@@ -144,9 +150,115 @@ def write_results(
         sr_sop_instance_uid=uids.sr_instance,
         model_version=algorithm.model_version,
         device_uid=algorithm.device_uid,
+        covid_threshold=covid_threshold,
         extra_paths=extra,
         timings={k: round(v, 4) for k, v in timings.items()},
     )
+
+
+@dataclass
+class SeriesAnalysis:
+    """What the lung mask and the network found in one volume, before any DICOM is written."""
+
+    lung: np.ndarray  # (Z, Y, X) bool
+    lesion: np.ndarray  # (Z, Y, X) bool: lesion probability >= threshold, inside the lung
+    slice_covid_probability: np.ndarray  # (Z,) per slice, patient order
+    in_lung: np.ndarray  # (Z,) bool: the slice has lung, so it counts for the series figure
+    covid_probability: float  # the Predictor's series figure
+    covid_threshold: float
+    voxel_volume_ml: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lung_volume_ml(self) -> float:
+        return float(np.count_nonzero(self.lung)) * self.voxel_volume_ml
+
+    @property
+    def lesion_volume_ml(self) -> float:
+        return float(np.count_nonzero(self.lesion)) * self.voxel_volume_ml
+
+    @property
+    def lung_involvement_percent(self) -> float:
+        lung = self.lung_volume_ml
+        return 100.0 * self.lesion_volume_ml / lung if lung > 0 else 0.0
+
+    def slice_figures(
+        self, sop_instance_uids: Sequence[str], z_mm: Sequence[float]
+    ) -> list[dict[str, Any]]:
+        """One dict per slice: ``sop_instance_uid``, ``z_mm``, ``covid_probability``,
+        ``lesion_ml``, ``in_lung``; the series figure is the Predictor's aggregation of
+        ``covid_probability`` over the slices with ``in_lung``."""
+        n = len(self.in_lung)
+        if len(sop_instance_uids) != n or len(z_mm) != n:
+            raise ValueError(f"{n} slices, {len(sop_instance_uids)} UIDs, {len(z_mm)} positions")
+        lesion_ml = self.lesion.reshape(n, -1).sum(axis=1) * self.voxel_volume_ml
+        return [
+            {
+                "sop_instance_uid": str(sop_instance_uids[k]),
+                "z_mm": round(float(z_mm[k]), 3),
+                "covid_probability": round(float(self.slice_covid_probability[k]), 4),
+                "lesion_ml": round(float(lesion_ml[k]), 3),
+                "in_lung": bool(self.in_lung[k]),
+            }
+            for k in range(n)
+        ]
+
+
+def analyse_volume(
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    predictor: Any,
+    options: ResultOptions | None = None,
+) -> SeriesAnalysis:
+    """Lung mask, the network and the thresholds on one (Z, Y, X) HU volume.
+
+    Raises ``SeriesRejected`` when the lung mask finds no lungs (before the network runs).
+    ``predictor`` is an ``mtl_model.Predictor`` with segmentation and classification heads.
+    """
+    options = options or ResultOptions()
+    t0 = time.perf_counter()
+    lung = lung_mask(hu, spacing)
+    voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
+    lung_ml = float(np.count_nonzero(lung)) * voxel_ml
+    t1 = time.perf_counter()
+    if lung_ml < MIN_LUNG_VOLUME_ML:
+        raise SeriesRejected(
+            f"no lungs found (lung mask {lung_ml:.0f} mL < {MIN_LUNG_VOLUME_ML:.0f} mL); "
+            "not a chest CT?"
+        )
+    in_lung = np.asarray(lung.any(axis=(1, 2)))
+    prediction = predictor.predict_hu(hu, slice_mask=in_lung)
+    t2 = time.perf_counter()
+    if (
+        prediction.lesion_probability is None
+        or prediction.slice_covid_probability is None
+        or prediction.series_covid_probability is None
+    ):
+        raise ValueError(
+            "the model needs both a segmentation and a classification head for the node"
+        )
+    default_threshold = float(predictor.metadata.labels.threshold)
+    lesion_threshold = options.lesion_threshold or default_threshold
+    return SeriesAnalysis(
+        lung=lung,
+        lesion=(prediction.lesion_probability >= lesion_threshold) & lung,
+        slice_covid_probability=np.asarray(prediction.slice_covid_probability),
+        in_lung=in_lung,
+        covid_probability=float(prediction.series_covid_probability),
+        covid_threshold=options.covid_threshold or default_threshold,
+        voxel_volume_ml=voxel_ml,
+        timings={"lung_mask": t1 - t0, "inference": t2 - t1},
+    )
+
+
+def slice_positions(volume: CTVolume) -> tuple[list[str], list[float]]:
+    """SOP Instance UID and position along the slice normal (mm) of each sorted slice."""
+    z_mm = [float(z) for z in volume.positions @ volume.direction[:, 2]]
+    if volume.is_multiframe:
+        uids = [str(volume.datasets[0].SOPInstanceUID)] * len(z_mm)
+    else:
+        uids = [str(ds.get("SOPInstanceUID", "")) for ds in volume.datasets]
+    return uids, z_mm
 
 
 def process_series(
@@ -165,46 +277,24 @@ def process_series(
     decodes compressed slices in parallel.
     """
     options = options or ResultOptions()
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     volume = load_series(files, workers=decode_workers)
-    t1 = time.perf_counter()
-    lung = lung_mask(volume.hu, volume.spacing)
-    lung_ml = float(np.count_nonzero(lung)) * volume.voxel_volume_ml
-    t2 = time.perf_counter()
-    timings["load"] = t1 - t0
-    timings["lung_mask"] = t2 - t1
-    if lung_ml < MIN_LUNG_VOLUME_ML:
-        raise SeriesRejected(
-            f"no lungs found (lung mask {lung_ml:.0f} mL < {MIN_LUNG_VOLUME_ML:.0f} mL); "
-            "not a chest CT?"
-        )
-    slice_mask = lung.any(axis=(1, 2))
-    prediction = predictor.predict_hu(volume.hu, slice_mask=slice_mask)
-    t3 = time.perf_counter()
-    timings["inference"] = t3 - t2
-    if prediction.lesion_probability is None or prediction.series_covid_probability is None:
-        raise ValueError(
-            "the model needs both a segmentation and a classification head for the node"
-        )
-    metadata = predictor.metadata
-    default_threshold = float(metadata.labels.threshold)
-    lesion_threshold = options.lesion_threshold or default_threshold
-    covid_threshold = options.covid_threshold or default_threshold
-    lesion = prediction.lesion_probability >= lesion_threshold
+    load_s = time.perf_counter() - t0
+    analysis = analyse_volume(volume.hu, volume.spacing, predictor, options)
     result = write_results(
         volume,
-        lesion,
-        lung,
-        float(prediction.series_covid_probability),
+        analysis.lesion,
+        analysis.lung,
+        analysis.covid_probability,
         out_dir,
         options,
-        AlgorithmInfo.from_metadata(metadata),
-        covid_threshold=covid_threshold,
+        AlgorithmInfo.from_metadata(predictor.metadata),
+        covid_threshold=analysis.covid_threshold,
         uids=uids,
         instance_number=instance_number,
-        timings=timings,
+        timings={"load": load_s, **analysis.timings},
     )
+    result.slices = analysis.slice_figures(*slice_positions(volume))
     logger.debug(
         "series %s: COVID-19 p=%.3f, lesions %.1f mL (%.2f%% of %.0f mL lung); timings %s",
         result.series_instance_uid,
