@@ -65,6 +65,8 @@ class ArchitectureSpec(BaseModel):
     # T3 head: the paper's 2x2 max-pool + flatten, or global average pooling (mtl only).
     # Checkpoints written before this field existed have the paper's head.
     classifier_pooling: ClassifierPooling = PAPER_POOLING
+    # "image_cnn8" only: base width of that classifier (None = base_width).
+    classifier_width: int | None = Field(None, ge=1)
 
     @field_validator("tasks")
     @classmethod
@@ -81,6 +83,7 @@ class ArchitectureSpec(BaseModel):
             self.in_channels,
             self.tasks if tasks is None else tasks,
             self.classifier_pooling,
+            self.classifier_width,
         )
 
 

@@ -23,6 +23,12 @@ Choices where the paper is silent or ambiguous (Keras text, no code):
   inputs to Dense 128 instead of ``2w * 8 * 8`` at 256x256), as the CNN8 baseline pools: on
   ~400 labelled images the flattened head overfits (docs/experiments.md). The paper's
   head stays the default.
+* ``classifier_pooling = "image_cnn8"`` makes T3 the 8-layer CNN below (width
+  ``classifier_width``), run on the input slice with weights of its own instead of on the
+  shared encoder. The 0.3.0 encoder had learned "smooth image = COVID-19" (a 1.5-pixel
+  blur moved a normal LUNA16 patient from 0.22 to 0.91) and a head on its features could
+  not unlearn it on a CPU; a small classifier trained with sharpness augmentation can be,
+  while the encoder and the lesion decoder stay as they are (docs/experiments.md).
 * The reconstruction decoder is only built when the ``reconstruction`` task is requested:
   an inference model has encoder + segmentation + classification.
 * CNN8 (the paper's Experiment 3 baseline, "a CNN with 8 layers"): six 3x3 convolutions in
@@ -40,7 +46,7 @@ from torch import nn
 
 TASKS: tuple[str, ...] = ("reconstruction", "segmentation", "classification")
 ARCHITECTURES: tuple[str, ...] = ("mtl", "unet", "cnn8")
-ClassifierPooling = Literal["max2x2_flatten", "global_average"]
+ClassifierPooling = Literal["max2x2_flatten", "global_average", "image_cnn8"]
 CLASSIFIER_POOLINGS: tuple[str, ...] = get_args(ClassifierPooling)
 PAPER_POOLING: ClassifierPooling = "max2x2_flatten"
 
@@ -121,7 +127,7 @@ class Classifier(nn.Module):
         super().__init__()
         if bottleneck_size < 2:
             raise ValueError("input_size too small for the classifier (needs >= 32)")
-        if pooling not in CLASSIFIER_POOLINGS:
+        if pooling not in CLASSIFIER_POOLINGS or pooling == "image_cnn8":
             raise ValueError(
                 f"unknown classifier_pooling {pooling!r}; known: {list(CLASSIFIER_POOLINGS)}"
             )
@@ -165,9 +171,12 @@ class MTLNet(nn.Module):
         in_channels: int = 1,
         tasks: Iterable[str] = TASKS,
         classifier_pooling: str = PAPER_POOLING,
+        classifier_width: int | None = None,
     ) -> None:
         super().__init__()
         task_set = canonical_tasks(tasks)
+        if classifier_width is not None and classifier_pooling != "image_cnn8":
+            raise ValueError("classifier_width applies to classifier_pooling 'image_cnn8' only")
         if input_size % 32 != 0:
             raise ValueError(f"input_size must be a multiple of 32, got {input_size}")
         self.base_width = base_width
@@ -175,15 +184,20 @@ class MTLNet(nn.Module):
         self.in_channels = in_channels
         self.tasks = task_set
         self.classifier_pooling = classifier_pooling
+        self.classifier_width = classifier_width
         self.encoder = Encoder(in_channels, base_width)
         widths = self.encoder.widths
         self.reconstruction = Decoder(widths) if "reconstruction" in task_set else None
         self.segmentation = Decoder(widths) if "segmentation" in task_set else None
-        self.classification = (
-            Classifier(widths[-1], base_width, input_size // 16, classifier_pooling)
-            if "classification" in task_set
-            else None
-        )
+        self.classification: nn.Module | None = None
+        self.classifier_on_image = classifier_pooling == "image_cnn8"
+        if "classification" in task_set:
+            if self.classifier_on_image:
+                self.classification = CNN8(classifier_width or base_width, input_size, in_channels)
+            else:
+                self.classification = Classifier(
+                    widths[-1], base_width, input_size // 16, classifier_pooling
+                )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         skips, bottleneck = self.encoder(x)
@@ -193,7 +207,10 @@ class MTLNet(nn.Module):
         if self.segmentation is not None:
             out["segmentation"] = self.segmentation(skips, bottleneck)
         if self.classification is not None:
-            out["classification"] = self.classification(bottleneck)
+            if self.classifier_on_image:
+                out["classification"] = self.classification(x)["classification"]
+            else:
+                out["classification"] = self.classification(bottleneck)
         return out
 
 
@@ -253,6 +270,7 @@ def build_model(
     in_channels: int = 1,
     tasks: Iterable[str] | None = None,
     classifier_pooling: str = PAPER_POOLING,
+    classifier_width: int | None = None,
 ) -> nn.Module:
     """Build any of the three networks from the arguments a checkpoint stores."""
     if architecture not in _REGISTRY:
@@ -266,9 +284,11 @@ def build_model(
         kwargs["tasks"] = tuple(tasks)
     if architecture == "mtl":
         kwargs["classifier_pooling"] = classifier_pooling
-    elif classifier_pooling != PAPER_POOLING:
+        kwargs["classifier_width"] = classifier_width
+    elif classifier_pooling != PAPER_POOLING or classifier_width is not None:
         raise ValueError(
-            f"classifier_pooling applies to architecture 'mtl' only, not {architecture!r}"
+            f"classifier_pooling and classifier_width apply to architecture 'mtl' only, "
+            f"not {architecture!r}"
         )
     return _REGISTRY[architecture](**kwargs)
 

@@ -3,6 +3,7 @@
     ctmtl-train fit --config config/train/mtl_t123_256.toml --out runs/mtl_t123_256
     ctmtl-train evaluate --checkpoint P --covid-ct DIR --split test --medseg DIR --json OUT
     ctmtl-train export --run runs/NAME --out mtl_model/weights/ctmtl-release.safetensors
+    ctmtl-train compose --segmentation RELEASE --classification runs/CNN8/best.safetensors --out C
 
 Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m training.cli fit ...``.
 """
@@ -116,6 +117,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compose(args: argparse.Namespace) -> int:
+    from training.export import compose_checkpoint
+
+    path = compose_checkpoint(args.segmentation, args.classification, args.out)
+    print(json.dumps({"composed": str(path), "bytes": path.stat().st_size}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctmtl-train", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -170,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--notes", default=None, help="free text recorded in the metadata")
     x.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     x.set_defaults(func=_cmd_export)
+
+    c = sub.add_parser(
+        "compose",
+        help="join an mtl checkpoint's lesion network and an 8-layer CNN classifier",
+        description="Write one mtl checkpoint (float32) whose encoder and lesion decoder come "
+        "from --segmentation and whose classifier (T3, classifier_pooling 'image_cnn8') is "
+        "the 8-layer CNN of --classification; export it with 'export --checkpoint'.",
+    )
+    c.add_argument("--segmentation", required=True, type=Path, help="mtl checkpoint")
+    c.add_argument("--classification", required=True, type=Path, help="cnn8 checkpoint")
+    c.add_argument("--out", required=True, type=Path, help="composed checkpoint file")
+    c.set_defaults(func=_cmd_compose)
     return p
 
 

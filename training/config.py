@@ -21,7 +21,7 @@ from mtl_model.network import PAPER_POOLING, ClassifierPooling, canonical_tasks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-DatasetKind = Literal["covid_ct", "medseg_png", "medseg_nifti", "dicom_seg"]
+DatasetKind = Literal["covid_ct", "medseg_png", "medseg_nifti", "dicom_seg", "png_stack"]
 Split = Literal["train", "val", "test", "all"]
 
 
@@ -46,8 +46,10 @@ class ModelConfig(_Strict):
     base_width: int = Field(64, ge=1)
     input_size: int = Field(256, ge=32)
     tasks: list[str] = Field(default_factory=lambda: list(TASKS))
-    # T3 head of the mtl network: the paper's "max2x2_flatten" or "global_average".
+    # T3 head of the mtl network: the paper's "max2x2_flatten", "global_average", or
+    # "image_cnn8" (the 8-layer CNN on the input slice, of width classifier_width).
     classifier_pooling: ClassifierPooling = PAPER_POOLING
+    classifier_width: int | None = Field(None, ge=1)
 
     @field_validator("tasks")
     @classmethod
@@ -66,6 +68,8 @@ class ModelConfig(_Strict):
             raise ValueError(
                 "classifier_pooling applies to architecture 'mtl' with the classification task"
             )
+        if self.classifier_width is not None and self.classifier_pooling != "image_cnn8":
+            raise ValueError("classifier_width applies to classifier_pooling 'image_cnn8' only")
         if self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
         return self
@@ -88,10 +92,27 @@ class DatasetSpec(_Strict):
     # UCSD non-COVID images are figures; labelling MedSeg lets the classifier learn "real
     # CT look = COVID" (see docs/experiments.md).
     use_class_label: bool = True
-    # dicom_seg only: class label for every slice (None = no classification label).
+    # dicom_seg and png_stack: class label for every slice (None = no classification label).
     covid_label: bool | None = None
+    # dicom_seg and png_stack: the case subfolders (patients) to use, by name; given, they
+    # replace ``split`` (split by patient, never by slice: a patient's neighbouring slices
+    # are near copies of each other).
+    cases: list[str] = Field(default_factory=list)
+    # train.sampling = "balanced": this set's share of every batch (relative to the other
+    # sets' weights); None = its share of the epoch (slices x repeat).
+    weight: float | None = Field(None, gt=0)
     # dicom_seg only: segment labels to use as lesion (empty = every segment except lung).
     segment_labels: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DatasetSpec:
+        if self.cases and self.kind not in ("dicom_seg", "png_stack"):
+            raise ValueError(f"cases applies to kinds dicom_seg and png_stack, not {self.kind}")
+        if len(set(self.cases)) != len(self.cases):
+            raise ValueError(f"cases names a case twice: {self.cases}")
+        if self.kind == "png_stack" and self.covid_label is None:
+            raise ValueError("png_stack needs covid_label (true or false): stacks carry no mask")
+        return self
 
     def resolve(self, data_root: Path) -> Path:
         p = Path(os.path.expanduser(self.path))
@@ -124,6 +145,23 @@ class AugmentConfig(_Strict):
     gamma: tuple[float, float] = (0.8, 1.25)
     noise_std: float = Field(0.01, ge=0, le=0.5)
     blur_prob: float = Field(0.2, ge=0, le=1)
+    # Sharpness, for scanner differences (reconstruction kernel, slice thickness): with
+    # blur_sigma's upper end > 0 the blurred slices get a Gaussian of a random sigma in
+    # that range (pixels of the network grid) instead of the fixed 3x3 kernel; sharpen_prob
+    # of the slices get an unsharp mask of a random amount in sharpen_amount.
+    blur_sigma: tuple[float, float] = (0.0, 0.0)
+    sharpen_prob: float = Field(0.0, ge=0, le=1)
+    sharpen_amount: tuple[float, float] = (0.3, 1.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        for name in ("scale", "gamma", "blur_sigma", "sharpen_amount"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be [low, high] with 0 <= low <= high")
+        if self.blur_sigma[1] > 8:
+            raise ValueError("blur_sigma above 8 pixels blurs a 256 grid into nothing")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -138,6 +176,10 @@ class TrainConfig(_Strict):
     max_minutes: float = Field(0.0, ge=0)
     # Cap on optimiser steps per epoch (0 = one pass over the training set).
     max_steps_per_epoch: int = Field(0, ge=0)
+    # "shuffle": one shuffled pass over the training sets (each repeated ``repeat`` times);
+    # "balanced": every batch holds each training set in proportion to its ``weight``, so
+    # no source dominates a batch (real CT of one class must not come in runs).
+    sampling: Literal["shuffle", "balanced"] = "shuffle"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False

@@ -11,6 +11,10 @@ Every sample is one axial slice on the network grid with whichever labels it has
   as in a DICOM axial image). Mask labels > 0 (ground glass, consolidation, effusion) are
   merged into one lesion mask. Intensities in HU are put through the checkpoint's lung
   window; volumes already in 0..255 are divided by 255.
+* PNG stacks (``png_stack``): a folder whose subfolders (patients) each hold one ordered
+  stack of 8-bit lung-window slices (``luna16-3/patient_N/z_NNN.png``), real CT in the
+  same window and scaling as MedSeg. No mask; the class label comes from the config
+  (``covid_label``; LUNA16 screening CT is non-COVID). Split by patient, never by slice.
 * DICOM series + SEG (``dicom_seg``): a folder whose subfolders each hold one CT series
   and one or more DICOM SEG files that reference it (a series a radiologist corrected).
   SEG frames are mapped onto CT slices by ReferencedSOPInstanceUID; CT slices the SEG has
@@ -26,7 +30,9 @@ then resized to the square network grid with ``mtl_model.resize_slices`` (biline
 antialiased), without keeping the aspect ratio, as in the paper and the UCSD baselines.
 Masks are resized bilinearly and thresholded at 0.5.
 
-MedSeg fixed split: the 70 PNG slices sorted by file name; the slice at sorted position
+Case folders (``png_stack``, ``dicom_seg``) are chosen by name (``cases``) or, without
+names, split like MedSeg slices over the sorted folder names. MedSeg fixed split: the 70
+PNG slices sorted by file name; the slice at sorted position
 ``i`` is validation when ``i % val_every == val_offset`` (defaults 5 and 0: 14 validation,
 56 training slices), else training. ``split = "all"`` takes every slice (held-back test
 folders).
@@ -35,6 +41,7 @@ folders).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -484,15 +491,30 @@ def _lesion_segments(seg: object, segment_labels: Sequence[str]) -> list[int]:
     return out
 
 
-def dicom_seg_cases(root: Path) -> list[Path]:
-    """The case subfolders of a DICOM+SEG data folder (sorted)."""
+def case_folders(
+    root: Path,
+    split: str,
+    cases: Sequence[str] = (),
+    val_every: int = 5,
+    val_offset: int = 0,
+    what: str = "DICOM SEG",
+) -> list[Path]:
+    """The chosen case subfolders of a data folder: by name, else by the fixed split."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"DICOM SEG data folder {root} not found")
+        raise DataError(f"{what} data folder {root} not found")
     subs = sorted(p for p in root.iterdir() if p.is_dir())
     if not subs:
-        raise DataError(f"DICOM SEG data folder {root} has no case subfolders")
-    return subs
+        raise DataError(f"{what} data folder {root} has no case subfolders")
+    if cases:
+        by_name = {p.name: p for p in subs}
+        unknown = [c for c in cases if c not in by_name]
+        if unknown:
+            raise DataError(
+                f"{what} data folder {root} has no case(s) {unknown}; it has {sorted(by_name)}"
+            )
+        return [by_name[c] for c in cases]
+    return [subs[i] for i in split_indices(len(subs), split, val_every, val_offset)]
 
 
 def load_dicom_seg(
@@ -504,10 +526,10 @@ def load_dicom_seg(
     window: HUWindow = LUNG_WINDOW,
     val_every: int = 5,
     val_offset: int = 0,
+    cases: Sequence[str] = (),
 ) -> SliceSet:
-    """All slices of every case (split over cases, sorted by folder name, like MedSeg)."""
-    cases = dicom_seg_cases(root)
-    chosen = [cases[i] for i in split_indices(len(cases), split, val_every, val_offset)]
+    """All slices of every chosen case (see :func:`case_folders`)."""
+    chosen = case_folders(root, split, cases, val_every, val_offset)
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     names: list[str] = []
@@ -532,6 +554,47 @@ def load_dicom_seg(
     )
 
 
+# ----------------------------------------------------------------------------- PNG stacks
+
+
+def stack_slices(folder: Path) -> list[Path]:
+    """The PNG slices of one stack in slice order (natural order of the file names)."""
+
+    def key(p: Path) -> list[Any]:
+        return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png"), key=key)
+    if not files:
+        raise DataError(f"PNG stack {folder} has no PNG slices")
+    return files
+
+
+def load_png_stacks(
+    root: Path,
+    split: str,
+    size: int,
+    covid_label: bool,
+    cases: Sequence[str] = (),
+    val_every: int = 5,
+    val_offset: int = 0,
+) -> SliceSet:
+    """Every slice of the chosen patients' stacks, labelled ``covid_label``."""
+    chosen = case_folders(root, split, cases, val_every, val_offset, what="PNG stack")
+    if not chosen:
+        raise DataError(f"PNG stacks {root}: the {split!r} portion has no patients")
+    paths = [(folder, f) for folder in chosen for f in stack_slices(folder)]
+    n = len(paths)
+    return SliceSet(
+        images=to_grid_uint8([read_gray_image(f) for _, f in paths], size),
+        masks=torch.zeros((n, 1, size, size), dtype=torch.uint8),
+        has_mask=torch.zeros(n, dtype=torch.bool),
+        labels=torch.full((n,), float(covid_label), dtype=torch.float32),
+        has_label=torch.ones(n, dtype=torch.bool),
+        names=[f"{folder.name}/{f.name}" for folder, f in paths],
+        source="png_stack:" + ",".join(p.name for p in chosen),
+    )
+
+
 def load_spec(spec: DatasetSpec, data_root: Path, size: int) -> SliceSet:
     """Load one configured data set onto a ``size`` x ``size`` grid."""
     path = spec.resolve(data_root)
@@ -543,6 +606,11 @@ def load_spec(spec: DatasetSpec, data_root: Path, size: int) -> SliceSet:
         s = load_medseg_png(path, spec.split, size, spec.val_every, spec.val_offset)
     elif spec.kind == "medseg_nifti":
         s = load_medseg_nifti(path, spec.split, size, spec.val_every, spec.val_offset)
+    elif spec.kind == "png_stack":
+        assert spec.covid_label is not None  # DatasetSpec requires it
+        s = load_png_stacks(
+            path, spec.split, size, spec.covid_label, spec.cases, spec.val_every, spec.val_offset
+        )
     else:
         s = load_dicom_seg(
             path,
@@ -552,6 +620,7 @@ def load_spec(spec: DatasetSpec, data_root: Path, size: int) -> SliceSet:
             spec.segment_labels,
             val_every=spec.val_every,
             val_offset=spec.val_offset,
+            cases=spec.cases,
         )
     if not spec.use_class_label:
         s.has_label = torch.zeros_like(s.has_label)

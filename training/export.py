@@ -167,5 +167,82 @@ def export_release(
     return path
 
 
+def compose_checkpoint(
+    segmentation_from: str | Path, classification_from: str | Path, out: str | Path
+) -> Path:
+    """One mtl checkpoint from two: the encoder and lesion decoder of ``segmentation_from``
+    and, as T3 (``classifier_pooling = "image_cnn8"``), the 8-layer CNN of
+    ``classification_from``. Float32, not a release: ``export --checkpoint`` makes that.
+
+    This is how a classifier retrained on a CPU joins a release whose lesion maps stay bit
+    for bit what they were (docs/experiments.md, seventh session).
+    """
+    seg_model, seg_meta = load_checkpoint(segmentation_from, device="cpu")
+    cls_model, cls_meta = load_checkpoint(classification_from, device="cpu")
+    sa, ca = seg_meta.architecture, cls_meta.architecture
+    if sa.name != "mtl" or "segmentation" not in sa.tasks:
+        raise CheckpointError(f"{segmentation_from}: not an mtl checkpoint with a lesion decoder")
+    if ca.name == "cnn8":
+        cls_state = cls_model.state_dict()
+    elif (
+        ca.name == "mtl" and ca.classifier_pooling == "image_cnn8" and "classification" in ca.tasks
+    ):
+        cls_state = {
+            k.removeprefix("classification."): v
+            for k, v in cls_model.state_dict().items()
+            if k.startswith("classification.")
+        }
+    else:
+        raise CheckpointError(f"{classification_from}: holds no 8-layer CNN classifier")
+    if ca.input_size != sa.input_size or ca.in_channels != sa.in_channels:
+        raise CheckpointError(
+            f"the classifier takes {ca.input_size}x{ca.input_size} slices, the lesion network "
+            f"{sa.input_size}x{sa.input_size}"
+        )
+    if cls_meta.preprocessing != seg_meta.preprocessing:
+        raise CheckpointError("the two checkpoints preprocess their input differently")
+    arch = sa.model_copy(
+        update={
+            "tasks": ["segmentation", "classification"],
+            "classifier_pooling": "image_cnn8",
+            "classifier_width": ca.classifier_width if ca.name == "mtl" else ca.base_width,
+        }
+    )
+    model = arch.build()
+    state = {
+        k: v
+        for k, v in seg_model.state_dict().items()
+        if k.startswith(("encoder.", "segmentation."))
+    }
+    state |= {f"classification.{k}": v for k, v in cls_state.items()}
+    model.load_state_dict(state, strict=True)
+
+    def source(path: str | Path, meta: CheckpointMetadata) -> dict[str, Any]:
+        return {
+            "checkpoint": str(path),
+            "model_version": meta.model_version,
+            "device_uid": meta.device_uid,
+            "training": meta.training,
+            "metrics": meta.metrics,
+        }
+
+    meta = CheckpointMetadata(
+        architecture=arch,
+        preprocessing=seg_meta.preprocessing,
+        labels=seg_meta.labels,
+        model_name=seg_meta.model_name,
+        model_version=f"0.0.0+{seg_meta.model_version}+{cls_meta.model_version}",
+        training={
+            "composed": {
+                "encoder_and_segmentation": source(segmentation_from, seg_meta),
+                "classification": source(classification_from, cls_meta),
+            },
+            "experiment": cls_meta.training.get("experiment", "composed"),
+            "data": cls_meta.training.get("data", {}),
+        },
+    )
+    return save_checkpoint(model, meta, out)
+
+
 def _num(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else "n/a"

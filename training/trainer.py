@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from mtl_model import (
@@ -47,6 +47,7 @@ from mtl_model import (
     save_checkpoint,
 )
 from mtl_model.checkpoint import ArchitectureSpec, PreprocessingSpec
+from mtl_model.metrics import classification_metrics, roc_auc, segmentation_metrics
 from training.augment import augment_batch
 from training.config import (
     REPO_ROOT,
@@ -57,7 +58,6 @@ from training.config import (
 )
 from training.data import SliceDataset, SliceSet, concat_slice_sets, load_spec
 from training.losses import MultiTaskLoss
-from training.metrics import classification_metrics, segmentation_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ CSV_FIELDS = [
     "val_specificity",
     "val_dice",
     "val_dice_pooled",
+    "val_real_auc",
     "val_score",
     "best_score",
     "best_epoch",
@@ -192,6 +193,73 @@ class _RepeatedSlices(SliceDataset):
         return super().__getitem__(self.index[i])
 
 
+def batch_shares(weights: Sequence[float], batch_size: int) -> list[int]:
+    """How many of a batch each source gets: proportional to ``weights``, largest remainder."""
+    total = float(sum(weights))
+    exact = [batch_size * w / total for w in weights]
+    counts = [math.floor(e) for e in exact]
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[
+        : batch_size - sum(counts)
+    ]:
+        counts[i] += 1
+    return counts
+
+
+class BalancedBatchSampler(Sampler[int]):
+    """Indices whose every consecutive ``batch_size`` block holds each source in proportion.
+
+    Each source is drawn without replacement in a fresh permutation of its slices, and
+    again once it is used up, so small sets are cycled (oversampled) and large ones are
+    spread over the epochs. Draws depend only on ``(seed, epoch)``; under DDP every rank
+    takes its own batches from the same sequence, like ``DistributedSampler``.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        weights: Sequence[float],
+        batch_size: int,
+        steps_per_epoch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if len(sizes) != len(weights) or not sizes or min(sizes) < 1:
+            raise ValueError("every source needs a size >= 1 and a weight")
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.sizes = list(sizes)
+        self.counts = batch_shares(weights, batch_size)
+        if 0 in self.counts:
+            raise ValueError(
+                f"batches of {batch_size} leave a source out (shares {self.counts}); "
+                "raise its weight or the batch size"
+            )
+        self.batch_size = batch_size
+        self.steps = steps_per_epoch
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        need = [c * self.steps * self.world_size for c in self.counts]
+        streams = []
+        for size, offset, k in zip(self.sizes, self.offsets, need, strict=True):
+            rounds = max(1, math.ceil(k / size))
+            perm = torch.cat([torch.randperm(size, generator=g) for _ in range(rounds)])
+            streams.append((perm[:k] + offset).view(self.steps * self.world_size, -1))
+        for step in range(self.steps):
+            row = step * self.world_size + self.rank
+            yield from torch.cat([s[row] for s in streams]).tolist()
+
+
 def build_metadata(
     cfg: ExperimentConfig, training: dict[str, Any], metrics: dict[str, Any], version: str
 ) -> CheckpointMetadata:
@@ -205,6 +273,7 @@ def build_metadata(
             in_channels=1,
             tasks=list(m.tasks),
             classifier_pooling=m.classifier_pooling,
+            classifier_width=m.classifier_width,
         ),
         preprocessing=PreprocessingSpec(input_size=m.input_size),
         model_version=version,
@@ -258,31 +327,47 @@ def validate(
 ) -> dict[str, float]:
     """Validation metrics on the network grid.
 
-    Classification is scored on labelled slices without a mask (UCSD-style sets), as the
-    evaluate contract does; segmentation on every slice with a mask (MedSeg-style sets).
-    ``score`` (the early-stopping criterion) is the mean of AUC and Dice, whichever exist.
+    Classification is scored on the UCSD-style sets (``auc`` and the rates: labelled
+    slices without a mask, as the evaluate contract does) and, separately, on the
+    labelled slices of real-CT sets (MedSeg, PNG stacks, DICOM: ``real_auc``), so that
+    neither hides the other; segmentation on every slice with a mask. ``score`` (the
+    early-stopping criterion) is the mean of AUC, real-CT AUC and Dice, whichever exist.
     """
     labels: list[np.ndarray] = []
     probs: list[np.ndarray] = []
+    real_labels: list[np.ndarray] = []
+    real_probs: list[np.ndarray] = []
     lesion: list[np.ndarray] = []
     truth: list[np.ndarray] = []
     for s in val:
         pred = predict_slices(model, s, device, precision, batch_size, channels_last)
-        cls_sel = (s.has_label & ~s.has_mask).numpy()
-        if "classification" in pred and cls_sel.any():
-            labels.append(s.labels.numpy()[cls_sel])
-            probs.append(pred["classification"][cls_sel])
+        if "classification" in pred:
+            if s.source.startswith("covid_ct"):
+                sel = (s.has_label & ~s.has_mask).numpy()
+                labels.append(s.labels.numpy()[sel])
+                probs.append(pred["classification"][sel])
+            else:
+                sel = s.has_label.numpy()
+                real_labels.append(s.labels.numpy()[sel])
+                real_probs.append(pred["classification"][sel])
         seg_sel = s.has_mask.numpy()
         if "segmentation" in pred and seg_sel.any():
             lesion.append(pred["segmentation"][seg_sel])
             truth.append(s.masks[:, 0].numpy()[seg_sel] > 0)
     out: dict[str, float] = {}
     parts: list[float] = []
-    if probs:
+    if probs and sum(len(p) for p in probs):
         c = classification_metrics(np.concatenate(labels), np.concatenate(probs))
         out.update({k: float(v) for k, v in c.items() if k != "n"})
         if math.isfinite(out["auc"]):
             parts.append(out["auc"])
+    if real_probs and sum(len(p) for p in real_probs):
+        y, p = np.concatenate(real_labels), np.concatenate(real_probs)
+        out["real_auc"] = float(roc_auc(y, p))
+        out["real_mean_covid"] = float(p[y > 0.5].mean()) if (y > 0.5).any() else float("nan")
+        out["real_mean_non_covid"] = float(p[y <= 0.5].mean()) if (y <= 0.5).any() else float("nan")
+        if math.isfinite(out["real_auc"]):
+            parts.append(out["real_auc"])
     if lesion:
         sm = segmentation_metrics(np.concatenate(lesion), np.concatenate(truth))
         out["dice"] = float(sm["dice"])
@@ -461,7 +546,13 @@ def fit(
     torch.manual_seed(cfg.seed)
     m = cfg.model
     model = build_model(
-        m.architecture, m.base_width, m.input_size, 1, m.tasks, m.classifier_pooling
+        m.architecture,
+        m.base_width,
+        m.input_size,
+        1,
+        m.tasks,
+        m.classifier_pooling,
+        m.classifier_width,
     ).to(dev)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -482,16 +573,43 @@ def fit(
             f"{len(dataset)} training samples are fewer than one batch per process "
             f"({t.batch_size} x {di.world_size})"
         )
-    sampler: DistributedSampler[dict[str, torch.Tensor]] = DistributedSampler(
-        dataset,
-        num_replicas=di.world_size,
-        rank=di.rank,
-        shuffle=True,
-        seed=cfg.seed,
-        drop_last=True,
-    )
+    sampler: DistributedSampler[dict[str, torch.Tensor]] | BalancedBatchSampler
+    if t.sampling == "balanced":
+        steps = len(dataset) // (t.batch_size * di.world_size)
+        if t.max_steps_per_epoch:
+            steps = min(steps, t.max_steps_per_epoch)
+        sampler = BalancedBatchSampler(
+            [len(p) for p in data.parts],
+            [
+                spec.weight if spec.weight is not None else len(part) * spec.repeat
+                for spec, part in zip(cfg.data.train, data.parts, strict=True)
+            ],
+            t.batch_size,
+            steps,
+            seed=cfg.seed,
+            rank=di.rank,
+            world_size=di.world_size,
+        )
+        if di.main:
+            logger.info(
+                "balanced batches of %d: %s",
+                t.batch_size,
+                ", ".join(
+                    f"{p.source} {c}" for p, c in zip(data.parts, sampler.counts, strict=True)
+                ),
+            )
+    else:
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=di.world_size,
+            rank=di.rank,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_last=True,
+        )
+    # the balanced sampler yields indices into the concatenated sets, not their repeats
     loader = DataLoader(
-        dataset,
+        SliceDataset(data.train) if t.sampling == "balanced" else dataset,
         batch_size=t.batch_size,
         sampler=sampler,
         drop_last=True,

@@ -28,7 +28,8 @@ def mini_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root in the shared layout holding a few real images (symlinks, nothing copied).
 
     covid-ct: 6 COVID + 6 non-COVID train and 4 + 4 val images from the official lists;
-    medseg-100: the first 15 MedSeg slices (fixed split: 3 val, 12 train).
+    medseg-100: the first 15 MedSeg slices (fixed split: 3 val, 12 train);
+    luna16-3: slices 40-47 of each of the 3 LUNA16 patients (8-slice stacks).
     """
     root = tmp_path_factory.mktemp("mini_data")
     src = data_dir / "covid-ct"
@@ -48,6 +49,10 @@ def mini_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for n in sorted(p.name for p in (ms / "images").iterdir())[:15]:
         for sub in ("images", "masks"):
             (root / "medseg-100" / sub / n).symlink_to(ms / sub / n)
+    for patient in sorted((data_dir / "luna16-3").iterdir()):
+        (root / "luna16-3" / patient.name).mkdir(parents=True)
+        for f in sorted(patient.glob("*.png"))[40:48]:
+            (root / "luna16-3" / patient.name / f.name).symlink_to(f)
     return root
 
 

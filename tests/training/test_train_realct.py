@@ -1,0 +1,166 @@
+"""Real CT on both sides of the classifier: PNG stacks split by patient, balanced batches,
+sharpness augmentation, and the real-CT figure of the validation."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.augment import augment_batch, gaussian_blur
+from training.config import AugmentConfig, ConfigError, parse_config
+from training.data import DataError, load_png_stacks, load_spec
+from training.trainer import BalancedBatchSampler, batch_shares, fit
+
+
+def test_png_stacks_load_whole_patients(mini_data: Path) -> None:
+    s = load_png_stacks(mini_data / "luna16-3", "train", 64, False, ["patient_1", "patient_3"])
+    assert len(s) == 16 and s.images.shape == (16, 1, 64, 64)
+    assert {n.split("/")[0] for n in s.names} == {"patient_1", "patient_3"}
+    assert s.names[:2] == ["patient_1/z_080.png", "patient_1/z_082.png"]  # slice order
+    assert not s.has_mask.any() and s.has_label.all() and (s.labels == 0).all()
+    # without names, the fixed split runs over patients, never over slices
+    val = load_png_stacks(mini_data / "luna16-3", "val", 64, False, val_every=3, val_offset=2)
+    assert {n.split("/")[0] for n in val.names} == {"patient_3"}
+    with pytest.raises(DataError, match=r"no case\(s\) \['patient_9'\]; it has \['patient_1'"):
+        load_png_stacks(mini_data / "luna16-3", "train", 64, False, ["patient_9"])
+
+
+def test_real_ct_dataset_specs_are_checked(mini_data: Path) -> None:
+    base = {"name": "x", "data": {"train": []}}
+    with pytest.raises(ConfigError, match="png_stack needs covid_label"):
+        parse_config({**base, "data": {"train": [{"kind": "png_stack", "path": "luna16-3"}]}})
+    with pytest.raises(ConfigError, match="cases applies to kinds dicom_seg and png_stack"):
+        parse_config(
+            {**base, "data": {"train": [{"kind": "covid_ct", "path": "c", "cases": ["a"]}]}}
+        )
+    with pytest.raises(ConfigError, match="blur_sigma must be"):
+        parse_config({**base, "augment": {"blur_sigma": [2.0, 1.0]}})
+    cfg = parse_config(
+        {
+            **base,
+            "data": {
+                "train": [
+                    {"kind": "medseg_png", "path": "medseg-100", "split": "val"},
+                    {
+                        "kind": "png_stack",
+                        "path": "luna16-3",
+                        "cases": ["patient_2"],
+                        "covid_label": False,
+                    },
+                ]
+            },
+        }
+    )
+    medseg, luna = (load_spec(s, mini_data, 64) for s in cfg.data.train)
+    assert medseg.has_label.all() and (medseg.labels == 1).all()  # MedSeg's label is used
+    assert luna.summary()["non_covid"] == 8
+
+
+def test_balanced_batches_hold_every_source_in_proportion() -> None:
+    assert batch_shares([2, 1, 1], 16) == [8, 4, 4]
+    assert batch_shares([1, 1, 1], 8) == [3, 3, 2]
+    sizes, weights = [100, 7, 30], [2.0, 1.0, 1.0]
+    sampler = BalancedBatchSampler(sizes, weights, 16, steps_per_epoch=10, seed=5)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 160
+    starts = [0, 100, 107]
+
+    def source(i: int) -> int:
+        return max(k for k, s in enumerate(starts) if i >= s)
+
+    for b in range(10):
+        counts = Counter(source(i) for i in first[16 * b : 16 * (b + 1)])
+        assert counts == {0: 8, 1: 4, 2: 4}
+    small = [i - 100 for i in first if source(i) == 1]  # 40 draws from 7 slices
+    for cycle in range(5):  # each pass over the small set uses every slice once
+        assert sorted(small[7 * cycle : 7 * cycle + 7]) == list(range(7))
+    sampler.set_epoch(1)
+    assert list(sampler) == first  # the same epoch repeats exactly (resume)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    ranks = [
+        BalancedBatchSampler(sizes, weights, 16, 10, seed=5, rank=r, world_size=2) for r in (0, 1)
+    ]
+    for r in ranks:
+        r.set_epoch(1)
+    a, b = (list(r) for r in ranks)
+    assert len(a) == len(b) == 160 and a != b
+    with pytest.raises(ValueError, match="leave a source out"):
+        BalancedBatchSampler([10, 10], [100.0, 1.0], 8, 5)
+
+
+def test_sharpness_augmentation() -> None:
+    x = torch.zeros(3, 1, 21, 21)
+    x[:, :, 10, 10] = 1.0
+    y = gaussian_blur(x, torch.tensor([0.0, 1.0, 2.0]))
+    torch.testing.assert_close(y.sum(dim=(1, 2, 3)), torch.ones(3))
+    assert y[0, 0, 10, 10] == pytest.approx(1.0)  # sigma 0 leaves the image
+    assert y[1, 0, 10, 10] == pytest.approx(1 / (2 * math.pi), rel=0.02)
+    assert y[2, 0, 10, 10] == pytest.approx(1 / (8 * math.pi), rel=0.02)
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(8, 1, 32, 32) * 0.5 + 0.25
+    mask = torch.zeros_like(img)
+    off = {"hflip": 0.0, "rotate_deg": 0.0, "scale": (1.0, 1.0), "translate": 0.0}
+    off |= {"window_jitter": 0.0, "gamma": (1.0, 1.0), "noise_std": 0.0}
+
+    def roughness(t: torch.Tensor) -> float:
+        return float((t[..., 1:] - t[..., :-1]).abs().mean())
+
+    blurred, _ = augment_batch(
+        img, mask, AugmentConfig(**off, blur_prob=1.0, blur_sigma=(1.5, 2.0)), g
+    )
+    sharpened, _ = augment_batch(
+        img,
+        mask,
+        AugmentConfig(**off, blur_prob=0.0, sharpen_prob=1.0, sharpen_amount=(1.0, 1.0)),
+        g,
+    )
+    assert roughness(blurred) < 0.5 * roughness(img) < roughness(sharpened) * 0.5
+    assert float(sharpened.min()) >= 0.0 and float(sharpened.max()) <= 1.0
+
+
+@pytest.mark.slow
+def test_fit_with_balanced_real_ct_reports_the_real_ct_figure(
+    mini_data: Path, tmp_path: Path, tiny_config
+) -> None:
+    luna = {"kind": "png_stack", "path": "luna16-3", "covid_label": False}
+    cfg = tiny_config(
+        model={
+            "architecture": "cnn8",
+            "base_width": 4,
+            "input_size": 64,
+            "tasks": ["classification"],
+        },
+        data={
+            "train": [
+                {"kind": "covid_ct", "path": "covid-ct", "split": "train", "weight": 2.0},
+                {"kind": "medseg_png", "path": "medseg-100", "split": "train"},
+                {**luna, "cases": ["patient_1", "patient_2"]},
+            ],
+            "val": [
+                {"kind": "covid_ct", "path": "covid-ct", "split": "val"},
+                {"kind": "medseg_png", "path": "medseg-100", "split": "val"},
+                {**luna, "cases": ["patient_3"]},
+            ],
+        },
+        train={"epochs": 2, "batch_size": 8, "sampling": "balanced", "max_steps_per_epoch": 3},
+        augment={"blur_sigma": [0.5, 1.5], "sharpen_prob": 0.3},
+    )
+    res = fit(cfg, tmp_path / "run", mini_data, progress=False)
+    assert res.epochs_run == 2
+    m = res.best_metrics
+    assert 0.0 <= m["real_auc"] <= 1.0  # MedSeg val (COVID) against LUNA16 patient 3
+    assert 0.0 <= m["auc"] <= 1.0  # UCSD val alone, as before
+    assert m["score"] == pytest.approx((m["auc"] + m["real_auc"]) / 2)
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert not any(n.startswith("patient_3/") for n in data["train_names"])
+    assert [s["source"] for s in data["summary"]["train"]][2] == "png_stack:patient_1,patient_2"
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert "val_real_auc" in rows[0]
