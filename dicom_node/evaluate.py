@@ -45,6 +45,7 @@ from dicom_node.results import ResultOptions
 from dicom_node.volume import SeriesRejected, load_series
 from mtl_model import LUNG_WINDOW, HUWindow
 from mtl_model.metrics import auc_ci, classification_metrics, write_roc_png
+from mtl_model.preprocessing import unit_to_hu
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +216,8 @@ def load_png_stack(folder: str | Path) -> SeriesInput:
                 f"{slices[0].shape[1]}x{slices[0].shape[0]}"
             )
         slices.append(arr)
-    hu = np.stack(slices) / 255.0 * window.width + window.low
     return SeriesInput(
-        hu=hu.astype(np.float32),
+        hu=unit_to_hu(np.stack(slices) / 255.0, window),
         spacing=spacing,
         slice_ids=[f.name for f in files],
         z_mm=[k * spacing[0] for k in range(len(files))],

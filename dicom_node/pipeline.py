@@ -26,12 +26,12 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.lung import lung_mask
 from dicom_node.overlay import build_secondary_capture, write_secondary_capture
 from dicom_node.results import AlgorithmInfo, ResultOptions, ResultUIDs
 from dicom_node.seg import build_seg, write_seg
 from dicom_node.sr import ResultNumbers, build_sr, write_sr
 from dicom_node.volume import CTVolume, SeriesRejected, load_series
+from mtl_model.lung import lung_mask
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def analyse_volume(
             "not a chest CT?"
         )
     in_lung = np.asarray(lung.any(axis=(1, 2)))
-    prediction = predictor.predict_hu(hu, slice_mask=in_lung)
+    prediction = predictor.predict_hu(hu, slice_mask=in_lung, lung_mask=lung)
     t2 = time.perf_counter()
     if (
         prediction.lesion_probability is None

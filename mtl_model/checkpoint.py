@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -33,6 +40,7 @@ from mtl_model.network import (
     canonical_tasks,
     model_tasks,
 )
+from mtl_model.preprocessing import LUNG_BOX_MARGIN
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,10 @@ class PreprocessingSpec(BaseModel):
     hu_window_width: float = Field(1500.0, gt=0)
     image_scale: str = "uint8 / 255"
     resize: str = "bilinear, antialiased when downsampling"
+    # what the classifier sees of a slice: all of it, or the series' lung box (the margin
+    # a fraction of the lungs' extent; mtl_model.preprocessing.lung_box)
+    classifier_input: Literal["slice", "lung_box"] = "slice"
+    lung_box_margin: float = Field(LUNG_BOX_MARGIN, ge=0, le=1)
 
 
 class LabelSpec(BaseModel):
@@ -125,6 +137,19 @@ class CheckpointMetadata(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     notes: str = ""
+
+    @model_validator(mode="after")
+    def _classifier_input(self) -> CheckpointMetadata:
+        if (
+            self.preprocessing.classifier_input == "lung_box"
+            and self.architecture.classifier_pooling != "image_cnn8"
+            and self.architecture.name != "cnn8"
+        ):
+            raise ValueError(
+                "preprocessing.classifier_input 'lung_box' needs a classifier with an input "
+                "of its own (architecture cnn8, or classifier_pooling 'image_cnn8')"
+            )
+        return self
 
     @field_validator("format_version")
     @classmethod

@@ -25,10 +25,11 @@ Choices where the paper is silent or ambiguous (Keras text, no code):
   head stays the default.
 * ``classifier_pooling = "image_cnn8"`` makes T3 the 8-layer CNN below (width
   ``classifier_width``), run on the input slice with weights of its own instead of on the
-  shared encoder. The 0.3.0 encoder had learned "smooth image = COVID-19" (a 1.5-pixel
-  blur moved a normal LUNA16 patient from 0.22 to 0.91) and a head on its features could
-  not unlearn it on a CPU; a small classifier trained with sharpness augmentation can be,
-  while the encoder and the lesion decoder stay as they are (docs/experiments.md).
+  shared encoder, so that it can see another input (the lung box) and be retrained on a
+  CPU while the encoder and the lesion decoder stay as they are. The 0.3.0 encoder had
+  learned "smooth image = COVID-19" (a blur of 1.5 px of the network grid moved a normal
+  LUNA16 patient from 0.22 to 0.92), and a head retrained on its frozen features did not
+  unlearn it (docs/experiments.md, seventh session).
 * The reconstruction decoder is only built when the ``reconstruction`` task is requested:
   an inference model has encoder + segmentation + classification.
 * CNN8 (the paper's Experiment 3 baseline, "a CNN with 8 layers"): six 3x3 convolutions in

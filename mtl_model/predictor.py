@@ -19,10 +19,22 @@ probabilities (at least one slice) among the slices the caller marks as relevant
 node passes the slices that contain lung), else among all slices. COVID-19 findings are
 focal, so a mean over all slices dilutes a positive series with normal apical and basal
 slices, while the single maximum follows one noisy slice; the top-decile mean sits between.
+The rule was kept after the developer data of issue 12 (docs/experiments.md, seventh
+session): on the held-out series what moved the verdict was the classifier's input, not
+the aggregation, and folding in the lesion burden would have had to be tuned on the very
+series it is scored on.
+
+Classifier input: a checkpoint whose preprocessing says ``classifier_input = "lung_box"``
+(only with the ``image_cnn8`` classifier, which has an input of its own) classifies each
+slice cut to the series' lung box (``mtl_model.preprocessing.lung_box``) when the caller
+passes the lung mask (the node always does); without one (2-D images such as the UCSD
+figures, which are cut to the chest already) it sees the whole slice. The lesion decoder
+always sees the whole slice.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -34,7 +46,15 @@ from torch import nn
 
 from mtl_model.checkpoint import CheckpointMetadata, load_checkpoint
 from mtl_model.network import model_tasks
-from mtl_model.preprocessing import HUWindow, hu_to_unit, resize_slices
+from mtl_model.preprocessing import (
+    AIR_HU,
+    HUWindow,
+    LungBox,
+    crop_to_box,
+    hu_to_unit,
+    lung_box,
+    resize_slices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +143,28 @@ class Predictor:
         pre = metadata.preprocessing
         self.window = HUWindow(pre.hu_window_center, pre.hu_window_width)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model = fold_batchnorm(model.eval()).to(self.device, self.dtype)
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.model: nn.Module = torch.compile(model) if compile else model  # type: ignore[assignment]
+        self.air = float(hu_to_unit(torch.tensor(AIR_HU), self.window))
+        self.lung_box_margin = pre.lung_box_margin
+        # the classifier, where it sees the lung box and so has an input of its own
+        self.classifier: nn.Module | None = None
+        self.model: nn.Module | None = None
+        arch = metadata.architecture
+        if pre.classifier_input == "lung_box" and "classification" in self.tasks:
+            rest: nn.Module | None = None
+            if arch.name == "cnn8":
+                classifier = model
+            elif arch.classifier_pooling == "image_cnn8":
+                rest = copy.deepcopy(model)  # the caller's model keeps its classifier
+                head = rest.classification
+                assert isinstance(head, nn.Module)
+                classifier = head
+                rest.classification = None  # type: ignore[assignment]  # lesion path alone
+            else:
+                raise ValueError("classifier_input 'lung_box' needs the image_cnn8 classifier")
+            self.classifier = self._prepare(classifier, compile)
+            self.model = self._prepare(rest, compile) if rest is not None else None
+        else:
+            self.model = self._prepare(model, compile)
         logger.info(
             "predictor ready: %s %s on %s, %s, batch %d%s",
             metadata.model_name,
@@ -136,6 +175,11 @@ class Predictor:
             ", compiled" if compile else "",
         )
 
+    def _prepare(self, model: nn.Module, compile: bool) -> nn.Module:
+        model = fold_batchnorm(model.eval()).to(self.device, self.dtype)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return torch.compile(model) if compile else model  # type: ignore[return-value]
+
     @classmethod
     def from_model(
         cls, model: nn.Module, metadata: CheckpointMetadata, **kwargs: object
@@ -143,13 +187,32 @@ class Predictor:
         """A predictor around an in-memory model (training-time evaluation, tests)."""
         return cls(model=model, metadata=metadata, **kwargs)  # type: ignore[arg-type]
 
-    def predict_hu(self, volume: np.ndarray, slice_mask: np.ndarray | None = None) -> Prediction:
-        """Predict a (Z, Y, X) volume in Hounsfield units."""
-        return self._predict(volume, hu=True, slice_mask=slice_mask)
+    def predict_hu(
+        self,
+        volume: np.ndarray,
+        slice_mask: np.ndarray | None = None,
+        lung_mask: np.ndarray | None = None,
+    ) -> Prediction:
+        """Predict a (Z, Y, X) volume in Hounsfield units.
 
-    def predict_unit(self, images: np.ndarray, slice_mask: np.ndarray | None = None) -> Prediction:
+        ``slice_mask`` (Z,) marks the slices the series figure is taken over (default: the
+        slices ``lung_mask`` has lung in); ``lung_mask`` (Z, Y, X) gives the classifier
+        its lung box where the checkpoint asks for one.
+        """
+        return self._predict(volume, True, slice_mask, lung_mask)
+
+    def predict_unit(
+        self,
+        images: np.ndarray,
+        slice_mask: np.ndarray | None = None,
+        lung_mask: np.ndarray | None = None,
+    ) -> Prediction:
         """Predict (Z, Y, X) images already scaled to [0, 1] (e.g. 8-bit PNG / 255)."""
-        return self._predict(images, hu=False, slice_mask=slice_mask)
+        return self._predict(images, False, slice_mask, lung_mask)
+
+    def _network_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = resize_slices(x, self.input_size)
+        return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def aggregate_series(slice_probs: np.ndarray, slice_mask: np.ndarray | None = None) -> float:
@@ -166,12 +229,25 @@ class Predictor:
         k = max(1, math.ceil(TOP_FRACTION * probs.size))
         return float(np.sort(probs)[-k:].mean())
 
-    def _predict(self, volume: np.ndarray, hu: bool, slice_mask: np.ndarray | None) -> Prediction:
+    def _predict(
+        self,
+        volume: np.ndarray,
+        hu: bool,
+        slice_mask: np.ndarray | None,
+        lung_mask: np.ndarray | None,
+    ) -> Prediction:
         arr = np.asarray(volume)
         if arr.ndim == 2:
             arr = arr[None]
         if arr.ndim != 3 or arr.shape[0] == 0:
             raise ValueError(f"expected a (Z, Y, X) volume, got shape {arr.shape}")
+        box: LungBox | None = None
+        if lung_mask is not None:
+            lung = np.asarray(lung_mask, dtype=bool).reshape(arr.shape)
+            if slice_mask is None:
+                slice_mask = np.asarray(lung.any(axis=(1, 2)))
+            if self.classifier is not None:
+                box = lung_box(lung, self.lung_box_margin)
         if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
             raise TypeError(f"expected a real numeric volume, got {arr.dtype}")
         if arr.dtype not in (np.float32, np.int16, np.uint8, np.int32, np.uint16, np.float64):
@@ -186,9 +262,15 @@ class Predictor:
                 stop = min(start + self.batch_size, n)
                 x = torch.from_numpy(np.ascontiguousarray(arr[start:stop])).to(self.device)
                 x = hu_to_unit(x, self.window) if hu else x.float().clamp_(0.0, 1.0)
-                x = resize_slices(x.unsqueeze(1), self.input_size)
-                x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
-                out = self.model(x)
+                full = x.unsqueeze(1)
+                x = self._network_input(full)
+                out = self.model(x) if self.model is not None else {}
+                if self.classifier is not None:
+                    cut = crop_to_box(full, box, self.air) if box is not None else full
+                    cls_out = self.classifier(self._network_input(cut))
+                    out["classification"] = (
+                        cls_out["classification"] if isinstance(cls_out, dict) else cls_out
+                    )
                 if lesion is not None:
                     prob = torch.sigmoid(out["segmentation"].float())
                     prob = resize_slices(prob, (height, width)).clamp_(0.0, 1.0)

@@ -10,8 +10,9 @@ Why each part:
   one fixed lung window, so the network must not depend on one exact grey mapping;
 * blur, sharpening and noise: figures are often re-compressed, downscaled JPEGs, while
   DICOM is sharp; and real CT differs by scanner in reconstruction kernel and slice
-  thickness. Measured on the 0.3.0 release: a Gaussian blur of 1.5 px (network grid) on a
-  held-out normal LUNA16 patient raised its series COVID-19 probability from 0.22 to 0.91,
+  thickness. Measured on the 0.3.0 release: a Gaussian blur of 3 px of the 512 source grid
+  (1.5 px of the network grid) on a held-out normal LUNA16 patient raised its series
+  COVID-19 probability from 0.22 to 0.92 (``scripts/sharpness_probe.py``),
   so sharpness must not tell the classes apart (``blur_sigma``, ``sharpen_prob``).
 
 All random draws come from the ``torch.Generator`` passed in, so a resumed run repeats the

@@ -50,6 +50,11 @@ class ModelConfig(_Strict):
     # "image_cnn8" (the 8-layer CNN on the input slice, of width classifier_width).
     classifier_pooling: ClassifierPooling = PAPER_POOLING
     classifier_width: int | None = Field(None, ge=1)
+    # "lung_box" (architecture cnn8): every real-CT slice (MedSeg, PNG stacks, DICOM) is
+    # cut to its series' lung box before it goes onto the grid, as the node's Predictor
+    # cuts it (mtl_model.preprocessing.lung_box); UCSD figures, already cut to the chest
+    # and without HU, stay whole. Recorded in the checkpoint's preprocessing.
+    classifier_input: Literal["slice", "lung_box"] = "slice"
 
     @field_validator("tasks")
     @classmethod
@@ -67,6 +72,11 @@ class ModelConfig(_Strict):
         ):
             raise ValueError(
                 "classifier_pooling applies to architecture 'mtl' with the classification task"
+            )
+        if self.classifier_input == "lung_box" and self.architecture != "cnn8":
+            raise ValueError(
+                "classifier_input 'lung_box' trains architecture 'cnn8' (its input is the "
+                "classifier's own); join it to a lesion network with ctmtl-train compose"
             )
         if self.classifier_width is not None and self.classifier_pooling != "image_cnn8":
             raise ValueError("classifier_width applies to classifier_pooling 'image_cnn8' only")
@@ -88,9 +98,10 @@ class DatasetSpec(_Strict):
     # How many times each sample appears per epoch (oversampling a small set).
     repeat: int = Field(1, ge=1)
     # False: drop this set's class labels from training (its slices then train only
-    # segmentation and reconstruction). MedSeg slices are all COVID-positive real CT, while
-    # UCSD non-COVID images are figures; labelling MedSeg lets the classifier learn "real
-    # CT look = COVID" (see docs/experiments.md).
+    # segmentation and reconstruction). MedSeg slices are all COVID-positive real CT; with
+    # UCSD figures alone on the other side, labelling MedSeg lets the classifier learn "real
+    # CT look = COVID". Keep the labels only beside real non-COVID CT (png_stack LUNA16
+    # patients, covid_label = false), as config/train/cnn8_realct_cpu.toml does.
     use_class_label: bool = True
     # dicom_seg and png_stack: class label for every slice (None = no classification label).
     covid_label: bool | None = None

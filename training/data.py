@@ -53,6 +53,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mtl_model import LUNG_WINDOW, HUWindow, hu_to_unit, resize_slices
+from mtl_model.lung import lung_mask
+from mtl_model.preprocessing import AIR_HU, crop_to_box, lung_box, unit_to_hu
 from training.config import DatasetSpec
 
 logger = logging.getLogger(__name__)
@@ -205,6 +207,39 @@ def unit_to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(x, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
+#: voxel spacing given to the lung mask of an 8-bit stack (no geometry in a PNG) and of a
+#: single slice, which counts as a 10 mm slab so that the mask's volume limits (written
+#: for whole series) keep both lungs of one slice
+STACK_SPACING_MM = (2.5, 0.7, 0.7)
+SLICE_SPACING_MM = (10.0, 0.7, 0.7)
+
+
+def cut_to_lung_box(
+    images: list[np.ndarray],
+    masks: list[np.ndarray] | None = None,
+    spacing: tuple[float, float, float] = STACK_SPACING_MM,
+    window: HUWindow = LUNG_WINDOW,
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """One stack of 8-bit lung-window slices (and its masks) cut to the stack's lung box.
+
+    The box is the node's (``mtl_model.preprocessing.lung_box`` of the HU lung mask), so a
+    classifier trained on these crops sees what the Predictor gives it; a stack in which
+    the mask finds no lung stays whole.
+    """
+    stack = np.stack(images).astype(np.float32) / 255.0
+    box = lung_box(lung_mask(unit_to_hu(stack, window), spacing))
+    if box is None:
+        logger.warning("no lung found in a stack of %d slices; it stays whole", len(images))
+        return images, masks
+    air = float(hu_to_unit(torch.tensor(AIR_HU), window)) * 255.0
+    cut = crop_to_box(torch.from_numpy(np.stack(images)).float(), box, air)
+    out = [unit_to_uint8(c / 255.0) for c in cut.numpy()]
+    if masks is None:
+        return out, None
+    cut_masks = crop_to_box(torch.from_numpy(np.stack(masks)), box, False)
+    return out, list(cut_masks.numpy())
+
+
 # ----------------------------------------------------------------------------- UCSD
 
 
@@ -292,7 +327,12 @@ def medseg_png_pairs(
 
 
 def load_medseg_png(
-    root: Path, split: str, size: int, val_every: int = 5, val_offset: int = 0
+    root: Path,
+    split: str,
+    size: int,
+    val_every: int = 5,
+    val_offset: int = 0,
+    cut: bool = False,
 ) -> SliceSet:
     pairs = medseg_png_pairs(root, split, val_every, val_offset)
     images = [read_gray_image(i) for i, _ in pairs]
@@ -300,6 +340,11 @@ def load_medseg_png(
     for (ip, _), img, m in zip(pairs, images, masks, strict=True):
         if img.shape != m.shape:
             raise DataError(f"MedSeg {ip.name}: image {img.shape} and mask {m.shape} differ")
+    if cut:  # every MedSeg slice is a stack of its own, cut to its lung box
+        for k in range(len(images)):
+            one, one_mask = cut_to_lung_box([images[k]], [masks[k]], SLICE_SPACING_MM)
+            assert one_mask is not None
+            images[k], masks[k] = one[0], one_mask[0]
     n = len(pairs)
     return SliceSet(
         images=to_grid_uint8(images, size),
@@ -577,15 +622,27 @@ def load_png_stacks(
     cases: Sequence[str] = (),
     val_every: int = 5,
     val_offset: int = 0,
+    cut: bool = False,
 ) -> SliceSet:
-    """Every slice of the chosen patients' stacks, labelled ``covid_label``."""
+    """Every slice of the chosen patients' stacks, labelled ``covid_label``; with
+    ``cut`` each stack cut to its lung box (:func:`cut_to_lung_box`)."""
     chosen = case_folders(root, split, cases, val_every, val_offset, what="PNG stack")
     if not chosen:
         raise DataError(f"PNG stacks {root}: the {split!r} portion has no patients")
-    paths = [(folder, f) for folder in chosen for f in stack_slices(folder)]
+    paths: list[tuple[Path, Path]] = []
+    images: list[np.ndarray] = []
+    for folder in chosen:
+        files = stack_slices(folder)
+        stack = [read_gray_image(f) for f in files]
+        if len({a.shape for a in stack}) > 1:
+            raise DataError(f"PNG stack {folder}: slices differ in size")
+        if cut:
+            stack, _ = cut_to_lung_box(stack)
+        paths += [(folder, f) for f in files]
+        images += stack
     n = len(paths)
     return SliceSet(
-        images=to_grid_uint8([read_gray_image(f) for _, f in paths], size),
+        images=to_grid_uint8(images, size),
         masks=torch.zeros((n, 1, size, size), dtype=torch.uint8),
         has_mask=torch.zeros(n, dtype=torch.bool),
         labels=torch.full((n,), float(covid_label), dtype=torch.float32),
@@ -595,21 +652,34 @@ def load_png_stacks(
     )
 
 
-def load_spec(spec: DatasetSpec, data_root: Path, size: int) -> SliceSet:
-    """Load one configured data set onto a ``size`` x ``size`` grid."""
+def load_spec(spec: DatasetSpec, data_root: Path, size: int, cut: bool = False) -> SliceSet:
+    """Load one configured data set onto a ``size`` x ``size`` grid.
+
+    ``cut`` cuts real CT (MedSeg PNG slices, PNG stacks) to its lung box; UCSD figures
+    stay whole; for MedSeg NIfTI and DICOM+SEG sets (lesion training) it is refused.
+    """
     path = spec.resolve(data_root)
     if not path.exists():
         raise DataError(f"data set {spec.kind} not found at {path} (data root {data_root})")
+    if cut and spec.kind in ("medseg_nifti", "dicom_seg"):
+        raise DataError(f"lung-box classifier input is not implemented for {spec.kind} data")
     if spec.kind == "covid_ct":
         s = load_covid_ct(path, spec.split, size)
     elif spec.kind == "medseg_png":
-        s = load_medseg_png(path, spec.split, size, spec.val_every, spec.val_offset)
+        s = load_medseg_png(path, spec.split, size, spec.val_every, spec.val_offset, cut)
     elif spec.kind == "medseg_nifti":
         s = load_medseg_nifti(path, spec.split, size, spec.val_every, spec.val_offset)
     elif spec.kind == "png_stack":
         assert spec.covid_label is not None  # DatasetSpec requires it
         s = load_png_stacks(
-            path, spec.split, size, spec.covid_label, spec.cases, spec.val_every, spec.val_offset
+            path,
+            spec.split,
+            size,
+            spec.covid_label,
+            spec.cases,
+            spec.val_every,
+            spec.val_offset,
+            cut,
         )
     else:
         s = load_dicom_seg(

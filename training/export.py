@@ -199,7 +199,10 @@ def compose_checkpoint(
             f"the classifier takes {ca.input_size}x{ca.input_size} slices, the lesion network "
             f"{sa.input_size}x{sa.input_size}"
         )
-    if cls_meta.preprocessing != seg_meta.preprocessing:
+    own_input = {"classifier_input", "lung_box_margin"}  # the classifier's, by design
+    if cls_meta.preprocessing.model_dump(exclude=own_input) != seg_meta.preprocessing.model_dump(
+        exclude=own_input
+    ):
         raise CheckpointError("the two checkpoints preprocess their input differently")
     arch = sa.model_copy(
         update={
@@ -228,7 +231,9 @@ def compose_checkpoint(
 
     meta = CheckpointMetadata(
         architecture=arch,
-        preprocessing=seg_meta.preprocessing,
+        preprocessing=seg_meta.preprocessing.model_copy(
+            update={k: getattr(cls_meta.preprocessing, k) for k in own_input}
+        ),
         labels=seg_meta.labels,
         model_name=seg_meta.model_name,
         model_version=f"0.0.0+{seg_meta.model_version}+{cls_meta.model_version}",

@@ -164,13 +164,14 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def load_data(cfg: ExperimentConfig, data_root: Path) -> TrainData:
     """Load every configured data set onto the network grid."""
     size = cfg.model.input_size
-    parts = [load_spec(s, data_root, size) for s in cfg.data.train]
+    box = cfg.model.classifier_input == "lung_box"
+    parts = [load_spec(s, data_root, size, box) for s in cfg.data.train]
     repeats = [s.repeat for s in cfg.data.train]
     return TrainData(
         train=concat_slice_sets(parts),
         repeats=repeats,
         parts=parts,
-        val=[load_spec(s, data_root, size) for s in cfg.data.val],
+        val=[load_spec(s, data_root, size, box) for s in cfg.data.val],
     )
 
 
@@ -275,7 +276,9 @@ def build_metadata(
             classifier_pooling=m.classifier_pooling,
             classifier_width=m.classifier_width,
         ),
-        preprocessing=PreprocessingSpec(input_size=m.input_size),
+        preprocessing=PreprocessingSpec(
+            input_size=m.input_size, classifier_input=m.classifier_input
+        ),
         model_version=version,
         training=training,
         metrics=metrics,

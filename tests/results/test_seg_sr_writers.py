@@ -13,13 +13,13 @@ import pytest
 import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 
-from dicom_node.lung import lung_mask
 from dicom_node.pipeline import SeriesResult, write_results
 from dicom_node.results import AlgorithmInfo, ResultOptions
 from dicom_node.seg import LESION_SEGMENT, LUNG_SEGMENT
 from dicom_node.sr import COVID19, PERCENT_LUNG_INVOLVED, PROBABILITY
 from dicom_node.volume import CTVolume, load_series
 from helpers import legacy_multiframe
+from mtl_model.lung import lung_mask
 
 ALGORITHM = AlgorithmInfo(
     name="ctmtl test network", model_version="1.2.3", device_uid="2.25.4242", software_version="0.1"

@@ -12,12 +12,14 @@ from mtl_model.checkpoint import ArchitectureSpec, PreprocessingSpec, save_check
 from training.export import compose_checkpoint
 
 
-def _save(model: torch.nn.Module, path: Path, name: str, size: int = 64, **arch: object) -> Path:
+def _save(model: torch.nn.Module, path: Path, name: str, size: int = 64, box: bool = False) -> Path:
     meta = CheckpointMetadata(
         architecture=ArchitectureSpec(
-            name=name, base_width=4, input_size=size, tasks=list(model.tasks), **arch
+            name=name, base_width=4, input_size=size, tasks=list(model.tasks)
         ),
-        preprocessing=PreprocessingSpec(input_size=size),
+        preprocessing=PreprocessingSpec(
+            input_size=size, classifier_input="lung_box" if box else "slice"
+        ),
         model_version=f"0.0.0-{name}",
     )
     return save_checkpoint(model, meta, path)
@@ -47,11 +49,12 @@ def test_compose_keeps_both_sources_exactly(tmp_path: Path) -> None:
     mtl = build_model("mtl", 4, 64, tasks=["segmentation", "classification"]).eval()
     cnn = build_model("cnn8", 4, 64).eval()
     seg_path = _save(mtl, tmp_path / "mtl.safetensors", "mtl")
-    cls_path = _save(cnn, tmp_path / "cnn.safetensors", "cnn8")
+    cls_path = _save(cnn, tmp_path / "cnn.safetensors", "cnn8", box=True)
     out = compose_checkpoint(seg_path, cls_path, tmp_path / "both.safetensors")
     model, meta = load_checkpoint(out)
     assert meta.architecture.classifier_pooling == "image_cnn8"
     assert meta.architecture.classifier_width == 4
+    assert meta.preprocessing.classifier_input == "lung_box"  # the classifier's own input
     composed = meta.training["composed"]
     assert composed["classification"]["model_version"] == "0.0.0-cnn8"
     assert composed["encoder_and_segmentation"]["model_version"] == "0.0.0-mtl"
@@ -60,7 +63,8 @@ def test_compose_keeps_both_sources_exactly(tmp_path: Path) -> None:
         got = model(x)
         torch.testing.assert_close(got["segmentation"], mtl(x)["segmentation"], rtol=0, atol=0)
         torch.testing.assert_close(got["classification"], cnn(x)["classification"], rtol=0, atol=0)
-    # the node's predictor (BatchNorm folded) reads it like any release
+    # the node's predictor (BatchNorm folded) reads it like any release; 2-D images
+    # without a lung mask reach the classifier whole
     pred = Predictor(out, device="cpu", precision="fp32").predict_unit(x[:, 0].numpy())
     assert pred.slice_covid_probability is not None
     expect = torch.sigmoid(cnn(x)["classification"]).detach().numpy()

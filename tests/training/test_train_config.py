@@ -40,14 +40,18 @@ def test_all_experiment_configs_parse() -> None:
     assert load_config(files["cnn8_256"]).model.tasks == ["classification"]
 
 
-def test_medseg_split_is_recorded_in_configs() -> None:
+def test_medseg_split_and_class_labels_in_configs() -> None:
     for path in CONFIG_DIR.glob("*.toml"):
         cfg = load_config(path)
         for spec in [*cfg.data.train, *cfg.data.val]:
             if spec.kind == "medseg_png":
                 assert (spec.val_every, spec.val_offset) == (5, 0), path.name
-        if "classification" in cfg.model.tasks:
-            # all-COVID MedSeg labels would teach the classifier "real CT look = COVID"
+        real_non_covid = any(
+            s.kind in ("png_stack", "dicom_seg") and s.covid_label is False for s in cfg.data.train
+        )
+        if "classification" in cfg.model.tasks and not real_non_covid:
+            # all-COVID MedSeg labels without real non-COVID CT beside them would teach
+            # the classifier "real CT look = COVID"
             assert all(not s.use_class_label for s in cfg.data.train if s.kind == "medseg_png"), (
                 path.name
             )

@@ -8,12 +8,21 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from mtl_model import load_checkpoint
+from mtl_model.preprocessing import LUNG_WINDOW
 from training.augment import augment_batch, gaussian_blur
 from training.config import AugmentConfig, ConfigError, parse_config
-from training.data import DataError, load_png_stacks, load_spec
+from training.data import (
+    SLICE_SPACING_MM,
+    DataError,
+    cut_to_lung_box,
+    load_png_stacks,
+    load_spec,
+)
 from training.trainer import BalancedBatchSampler, batch_shares, fit
 
 
@@ -30,6 +39,31 @@ def test_png_stacks_load_whole_patients(mini_data: Path) -> None:
         load_png_stacks(mini_data / "luna16-3", "train", 64, False, ["patient_9"])
 
 
+def test_stacks_are_cut_to_their_lung_box() -> None:
+    yy, xx = np.mgrid[:200, :200]
+    hu = np.full((200, 200), -1000.0)
+    hu[((yy - 100) / 80) ** 2 + ((xx - 100) / 90) ** 2 <= 1] = 40.0  # body
+    lungs = np.zeros((200, 200), bool)
+    for cx in (65, 135):
+        lungs |= ((yy - 100) / 50) ** 2 + ((xx - cx) / 25) ** 2 <= 1
+    hu[lungs] = -850.0
+    hu[185:195, 20:180] = 400.0  # a table under the patient
+    grey = np.clip((hu - LUNG_WINDOW.low) / LUNG_WINDOW.width * 255, 0, 255).round()
+    stack = [grey.astype(np.uint8)] * 3
+    mask = np.zeros((200, 200), bool)
+    mask[95:105, 60:70] = True
+    cut, cut_masks = cut_to_lung_box(stack, [mask] * 3, SLICE_SPACING_MM)
+    assert cut_masks is not None and len(cut) == 3
+    side = cut[0].shape[0]
+    assert cut[0].shape == (side, side) == (141, 141)  # both lungs, 121 px wide, + 2 x 10
+    assert int(cut_masks[0].sum()) == 100  # the mask moves with the image
+    assert (stack[0] == 255).sum() == 1600 and not (cut[0] == 255).any()  # the table is gone
+    air = round((-1000 - LUNG_WINDOW.low) / LUNG_WINDOW.width * 255)
+    assert abs(int(cut[0][0, 0]) - air) <= 1
+    flat = [np.full((50, 50), 200, np.uint8)]  # no lung: stays whole
+    assert cut_to_lung_box(flat)[0][0].shape == (50, 50)
+
+
 def test_real_ct_dataset_specs_are_checked(mini_data: Path) -> None:
     base = {"name": "x", "data": {"train": []}}
     with pytest.raises(ConfigError, match="png_stack needs covid_label"):
@@ -38,6 +72,8 @@ def test_real_ct_dataset_specs_are_checked(mini_data: Path) -> None:
         parse_config(
             {**base, "data": {"train": [{"kind": "covid_ct", "path": "c", "cases": ["a"]}]}}
         )
+    with pytest.raises(ConfigError, match="classifier_input 'lung_box' trains architecture"):
+        parse_config({**base, "model": {"classifier_input": "lung_box"}})
     with pytest.raises(ConfigError, match="blur_sigma must be"):
         parse_config({**base, "augment": {"blur_sigma": [2.0, 1.0]}})
     cfg = parse_config(
@@ -59,6 +95,12 @@ def test_real_ct_dataset_specs_are_checked(mini_data: Path) -> None:
     medseg, luna = (load_spec(s, mini_data, 64) for s in cfg.data.train)
     assert medseg.has_label.all() and (medseg.labels == 1).all()  # MedSeg's label is used
     assert luna.summary()["non_covid"] == 8
+    boxed = load_spec(cfg.data.train[1], mini_data, 64, cut=True)
+    assert boxed.images.shape == luna.images.shape and not torch.equal(boxed.images, luna.images)
+    seg = {"kind": "dicom_seg", "path": "luna16-3"}
+    spec = parse_config({**base, "data": {"train": [seg]}}).data.train[0]
+    with pytest.raises(DataError, match="not implemented for dicom_seg"):
+        load_spec(spec, mini_data, 64, cut=True)
 
 
 def test_balanced_batches_hold_every_source_in_proportion() -> None:
@@ -137,6 +179,7 @@ def test_fit_with_balanced_real_ct_reports_the_real_ct_figure(
             "base_width": 4,
             "input_size": 64,
             "tasks": ["classification"],
+            "classifier_input": "lung_box",
         },
         data={
             "train": [
@@ -164,3 +207,5 @@ def test_fit_with_balanced_real_ct_reports_the_real_ct_figure(
     assert [s["source"] for s in data["summary"]["train"]][2] == "png_stack:patient_1,patient_2"
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert "val_real_auc" in rows[0]
+    _model, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert meta.preprocessing.classifier_input == "lung_box"

@@ -1,4 +1,4 @@
-"""dicom_node.lung: a synthetic chest with known answers, and the real series."""
+"""mtl_model.lung: a synthetic chest with known answers, and the real series."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node.lung import lung_mask
 from dicom_node.volume import load_series
+from mtl_model.lung import lung_mask
 
 
 def _ellipsoid(shape: tuple[int, int, int], centre, radii) -> np.ndarray:

@@ -1,5 +1,9 @@
 """Classical HU-based lung mask (SimpleITK): keeps lesions inside the lungs, gives lung volume.
 
+Part of the model's preprocessing, not of the node alone: the node restricts lesions to it
+and reports the lung volume, and the classifier's input is the region it spans
+(``mtl_model.preprocessing.lung_box``), in training as in the node.
+
 Method (the usual threshold + connectivity recipe, as in the "classical" baselines of
 Hofmanninger et al. 2020):
 
