@@ -44,11 +44,37 @@ PROCESS_RESULT_KEYS = (
 # ------------------------------------------------------------------------ network, polling
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on the loopback interface right now, for a server a test starts.
+
+    Taken below the kernel's ephemeral range: a port from there (bind to port 0) can be
+    taken by any outgoing connection before the server binds it, which once made the
+    node's SCP find its port in use. Never the same port twice in one test session.
+    """
+    high = min(_ephemeral_low(), 65536) - 1
+    low = max(1024, high - 12000)
+    for _ in range(500):
+        port = random.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {low}..{high} on 127.0.0.1")
 
 
 def port_open(port: int) -> bool:
