@@ -50,10 +50,12 @@ class ModelConfig(_Strict):
     # "image_cnn8" (the 8-layer CNN on the input slice, of width classifier_width).
     classifier_pooling: ClassifierPooling = PAPER_POOLING
     classifier_width: int | None = Field(None, ge=1)
-    # "lung_box" (architecture cnn8): every real-CT slice (MedSeg, PNG stacks, DICOM) is
-    # cut to its series' lung box before it goes onto the grid, as the node's Predictor
-    # cuts it (mtl_model.preprocessing.lung_box); UCSD figures, already cut to the chest
-    # and without HU, stay whole. Recorded in the checkpoint's preprocessing.
+    # "lung_box": the classifier sees each real-CT slice cut to its series' lung box, as
+    # the node's Predictor cuts it (mtl_model.preprocessing.lung_box); UCSD figures,
+    # already cut to the chest and without HU, stay whole. Recorded in the checkpoint's
+    # preprocessing. Trained with architecture cnn8 (real-CT training slices are cut);
+    # an mtl network with the image_cnn8 classifier keeps it frozen (train.freeze), as
+    # when the lesion decoder of a release is fine-tuned.
     classifier_input: Literal["slice", "lung_box"] = "slice"
 
     @field_validator("tasks")
@@ -72,11 +74,6 @@ class ModelConfig(_Strict):
         ):
             raise ValueError(
                 "classifier_pooling applies to architecture 'mtl' with the classification task"
-            )
-        if self.classifier_input == "lung_box" and self.architecture != "cnn8":
-            raise ValueError(
-                "classifier_input 'lung_box' trains architecture 'cnn8' (its input is the "
-                "classifier's own); join it to a lesion network with ctmtl-train compose"
             )
         if self.classifier_width is not None and self.classifier_pooling != "image_cnn8":
             raise ValueError("classifier_width applies to classifier_pooling 'image_cnn8' only")
@@ -237,6 +234,25 @@ class ExperimentConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _lung_box_classifier(self) -> ExperimentConfig:
+        m = self.model
+        if m.classifier_input != "lung_box" or m.architecture == "cnn8":
+            return self
+        if m.classifier_pooling == "image_cnn8" and "classification" in self.train.freeze:
+            return self
+        raise ValueError(
+            "classifier_input 'lung_box' trains architecture 'cnn8' (its input is the "
+            "classifier's own; join it to a lesion network with ctmtl-train compose), or "
+            "stays frozen in an mtl network with classifier_pooling 'image_cnn8' "
+            '(train.freeze = ["classification", ...])'
+        )
+
+    @property
+    def cuts_real_ct(self) -> bool:
+        """Whether real-CT training and validation slices are cut to their lung box."""
+        return self.model.classifier_input == "lung_box" and self.model.architecture == "cnn8"
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:

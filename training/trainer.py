@@ -164,7 +164,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def load_data(cfg: ExperimentConfig, data_root: Path) -> TrainData:
     """Load every configured data set onto the network grid."""
     size = cfg.model.input_size
-    box = cfg.model.classifier_input == "lung_box"
+    box = cfg.cuts_real_ct
     parts = [load_spec(s, data_root, size, box) for s in cfg.data.train]
     repeats = [s.repeat for s in cfg.data.train]
     return TrainData(

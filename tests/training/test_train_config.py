@@ -59,7 +59,8 @@ def test_medseg_split_and_class_labels_in_configs() -> None:
 
 def test_configs_that_fine_tune_the_release_describe_its_network() -> None:
     """init_from the shipped checkpoint only works with the network it holds."""
-    arch = read_metadata(default_checkpoint_path()).architecture
+    meta = read_metadata(default_checkpoint_path())
+    arch = meta.architecture
     users = []
     for path in CONFIG_DIR.glob("*.toml"):
         cfg = load_config(path)
@@ -69,6 +70,9 @@ def test_configs_that_fine_tune_the_release_describe_its_network() -> None:
             got = (m.architecture, m.base_width, m.input_size, m.classifier_pooling)
             want = (arch.name, arch.base_width, arch.input_size, arch.classifier_pooling)
             assert got == want, path.name
+            assert m.classifier_width == arch.classifier_width, path.name
+            # the exported fine-tune must tell the node what the classifier sees
+            assert m.classifier_input == meta.preprocessing.classifier_input, path.name
     assert {"finetune_corrected", "release_finetune_seg"} <= set(users)
 
 
