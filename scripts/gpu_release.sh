@@ -7,7 +7,8 @@
 #   python scripts/pack_data.py --out .gpu/data            # about 35 MiB
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 -d .gpu/whl \
-#     pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2
+#     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+#   (the versions of .venv here; the device image has no pydantic)
 #   mv mtl_model/weights/ctmtl-release.safetensors /tmp/   # 61.5 MiB; put it back after
 # Call: run(command="bash scripts/gpu_release.sh config/train/release_gpu_realct.toml",
 #           carry=[".gpu"], timeout_s=600)

@@ -366,10 +366,13 @@ def validate(
             parts.append(out["auc"])
     if real_probs and sum(len(p) for p in real_probs):
         y, p = np.concatenate(real_labels), np.concatenate(real_probs)
-        out["real_auc"] = float(roc_auc(y, p))
-        out["real_mean_covid"] = float(p[y > 0.5].mean()) if (y > 0.5).any() else float("nan")
-        out["real_mean_non_covid"] = float(p[y <= 0.5].mean()) if (y <= 0.5).any() else float("nan")
-        if math.isfinite(out["real_auc"]):
+        pos, neg = y > 0.5, y <= 0.5
+        if pos.any():
+            out["real_mean_covid"] = float(p[pos].mean())
+        if neg.any():
+            out["real_mean_non_covid"] = float(p[neg].mean())
+        if pos.any() and neg.any():
+            out["real_auc"] = float(roc_auc(y, p))
             parts.append(out["real_auc"])
     if lesion:
         sm = segmentation_metrics(np.concatenate(lesion), np.concatenate(truth))
