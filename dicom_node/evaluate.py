@@ -260,7 +260,7 @@ def score_series(
         out.status, out.reason = "rejected", exc.reason
     except FileNotFoundError as exc:
         out.reason = str(exc)
-    except (OSError, ValueError, MemoryError) as exc:
+    except Exception as exc:  # one unreadable series must not end the evaluation
         logger.debug("%s failed", item.path, exc_info=True)
         out.reason = f"{type(exc).__name__}: {exc}"
     else:
