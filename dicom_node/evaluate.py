@@ -12,8 +12,8 @@ series aggregation, the node's threshold), on two kinds of folder:
   implies, ``v / 255 * width + centre - width / 2`` (centre -600, width 1500 unless the
   folder's ``stack.json`` says otherwise), so the HU lung mask works on it. A PNG has no
   geometry: the voxel spacing is ``stack.json``'s ``spacing_mm`` ([z, y, x]) or
-  :data:`DEFAULT_STACK_SPACING_MM`; it changes the mL figures, hardly the lung mask, and
-  neither the probabilities nor the percentages.
+  ``mtl_model.stacks.STACK_SPACING_MM``; it changes the mL figures, hardly the lung mask,
+  and neither the probabilities nor the percentages.
 
 The labels CSV has a header with ``path`` and ``covid`` (0 or 1); paths are relative to
 the CSV, or start with ``$CTMTL_DATA/`` for the data folder (env ``CTMTL_DATA``, else
@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,27 +45,18 @@ from dicom_node.volume import SeriesRejected, load_series
 from mtl_model import LUNG_WINDOW, HUWindow
 from mtl_model.metrics import auc_ci, classification_metrics, write_roc_png
 from mtl_model.preprocessing import unit_to_hu
+from mtl_model.stacks import STACK_SPACING_MM, STACK_SUFFIXES, default_data_root, stack_files
 
 logger = logging.getLogger(__name__)
 
-PNG_SUFFIXES = (".png",)
-#: voxel spacing assumed for a PNG stack without stack.json: a typical chest CT on a
-#: 512 matrix (0.7 mm pixels) with every 2nd of 1.25 mm slices, as in luna16-3/
-DEFAULT_STACK_SPACING_MM = (2.5, 0.7, 0.7)
 STACK_SIDECAR = "stack.json"
 DATA_PREFIXES = ("$CTMTL_DATA/", "${CTMTL_DATA}/")
-
-
-def data_root() -> Path:
-    """Env ``CTMTL_DATA``, else ``../shared/data`` beside the repository (as training's)."""
-    env = os.environ.get("CTMTL_DATA")
-    return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def _resolve(csv_dir: Path, rel: str) -> Path:
     for prefix in DATA_PREFIXES:
         if rel.startswith(prefix):
-            return (data_root() / rel[len(prefix) :]).resolve()
+            return (default_data_root() / rel[len(prefix) :]).resolve()
     return (csv_dir / rel).resolve()
 
 
@@ -165,17 +155,13 @@ def read_labels(csv_path: str | Path) -> list[LabelledSeries]:
     return out
 
 
-def _natural_key(name: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
 def _stack_settings(folder: Path) -> tuple[tuple[float, float, float], HUWindow]:
     sidecar = folder / STACK_SIDECAR
     if not sidecar.is_file():
-        return DEFAULT_STACK_SPACING_MM, LUNG_WINDOW
+        return STACK_SPACING_MM, LUNG_WINDOW
     try:
         raw = json.loads(sidecar.read_text(encoding="utf-8"))
-        spacing = tuple(float(v) for v in raw.get("spacing_mm", DEFAULT_STACK_SPACING_MM))
+        spacing = tuple(float(v) for v in raw.get("spacing_mm", STACK_SPACING_MM))
         window = HUWindow(
             float(raw.get("window_center", LUNG_WINDOW.center)),
             float(raw.get("window_width", LUNG_WINDOW.width)),
@@ -194,10 +180,7 @@ def load_png_stack(folder: str | Path) -> SeriesInput:
     from PIL import Image
 
     root = Path(folder)
-    files = sorted(
-        (p for p in root.iterdir() if p.is_file() and p.suffix.lower() in PNG_SUFFIXES),
-        key=lambda p: _natural_key(p.name),
-    )
+    files = stack_files(root)
     if not files:
         raise SeriesRejected(f"no PNG slices in {root}")
     spacing, window = _stack_settings(root)
@@ -233,7 +216,7 @@ def load_series_input(folder: str | Path) -> SeriesInput:
     if not root.is_dir():
         raise SeriesRejected(f"{root} is not a folder")
     entries = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
-    pngs = [p for p in entries if p.suffix.lower() in PNG_SUFFIXES]
+    pngs = [p for p in entries if p.suffix.lower() in STACK_SUFFIXES]
     if pngs and all(p in pngs or p.name == STACK_SIDECAR for p in entries):
         return load_png_stack(root)
     try:

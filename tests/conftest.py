@@ -14,7 +14,6 @@ import pytest
 from helpers import (
     COVID_SERIES,
     NONCOVID_SERIES,
-    REPO,
     StoreSCP,
     find_tool,
     save_tiny_checkpoint,
@@ -30,8 +29,9 @@ if TYPE_CHECKING:
 
 def data_root() -> Path:
     """The real data folder: env CTMTL_DATA, else ../shared/data beside the checkout."""
-    env = os.environ.get("CTMTL_DATA")
-    return Path(env) if env else (REPO.parent / "shared" / "data")
+    from mtl_model.stacks import default_data_root
+
+    return default_data_root()
 
 
 @pytest.fixture(scope="session")

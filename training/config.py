@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mtl_model import TASKS
 from mtl_model.network import PAPER_POOLING, ClassifierPooling, canonical_tasks
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# re-exported: training's callers find them here
+from mtl_model.stacks import REPO_ROOT as REPO_ROOT
+from mtl_model.stacks import default_data_root as default_data_root
 
 DatasetKind = Literal["covid_ct", "medseg_png", "medseg_nifti", "dicom_seg", "png_stack"]
 Split = Literal["train", "val", "test", "all"]
@@ -27,12 +29,6 @@ Split = Literal["train", "val", "test", "all"]
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used, with the file and the reason."""
-
-
-def default_data_root() -> Path:
-    """Env ``CTMTL_DATA``, else ``../shared/data`` relative to the repository root."""
-    env = os.environ.get("CTMTL_DATA")
-    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data")
 
 
 class _Strict(BaseModel):

@@ -41,7 +41,6 @@ folders).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from torch.utils.data import Dataset
 from mtl_model import LUNG_WINDOW, HUWindow, hu_to_unit, resize_slices
 from mtl_model.lung import lung_mask
 from mtl_model.preprocessing import AIR_HU, crop_to_box, lung_box, unit_to_hu
+from mtl_model.stacks import STACK_SPACING_MM, stack_files
 from training.config import DatasetSpec
 
 logger = logging.getLogger(__name__)
@@ -207,10 +207,9 @@ def unit_to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(x, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
-#: voxel spacing given to the lung mask of an 8-bit stack (no geometry in a PNG) and of a
-#: single slice, which counts as a 10 mm slab so that the mask's volume limits (written
-#: for whole series) keep both lungs of one slice
-STACK_SPACING_MM = (2.5, 0.7, 0.7)
+#: voxel spacing given to the lung mask of a single slice (MedSeg), which counts as a 10 mm
+#: slab so that the mask's volume limits (written for whole series) keep both its lungs;
+#: a stack gets ``mtl_model.stacks.STACK_SPACING_MM``
 SLICE_SPACING_MM = (10.0, 0.7, 0.7)
 
 
@@ -603,12 +602,8 @@ def load_dicom_seg(
 
 
 def stack_slices(folder: Path) -> list[Path]:
-    """The PNG slices of one stack in slice order (natural order of the file names)."""
-
-    def key(p: Path) -> list[Any]:
-        return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
-
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png"), key=key)
+    """The PNG slices of one stack in slice order (``mtl_model.stacks.stack_files``)."""
+    files = stack_files(folder)
     if not files:
         raise DataError(f"PNG stack {folder} has no PNG slices")
     return files
