@@ -247,12 +247,13 @@ def score_series(
         logger.debug("%s failed", item.path, exc_info=True)
         out.reason = f"{type(exc).__name__}: {exc}"
     else:
+        numbers = analysis.numbers()  # exactly the figures the node's SR would carry
         out.status = "scored"
-        out.covid_probability = round(analysis.covid_probability, 4)
-        out.predicted_covid = analysis.covid_probability >= analysis.covid_threshold
-        out.lesion_volume_ml = round(analysis.lesion_volume_ml, 2)
-        out.lung_volume_ml = round(analysis.lung_volume_ml, 2)
-        out.lung_involvement_percent = round(analysis.lung_involvement_percent, 2)
+        out.covid_probability = numbers.covid_probability
+        out.predicted_covid = numbers.covid_present
+        out.lesion_volume_ml = numbers.lesion_volume_ml
+        out.lung_volume_ml = numbers.lung_volume_ml
+        out.lung_involvement_percent = numbers.lung_involvement_percent
         out.n_slices = len(analysis.in_lung)
         out.slices = analysis.slice_figures(series.slice_ids, series.z_mm)
     out.seconds = round(time.perf_counter() - t0, 2)

@@ -71,14 +71,13 @@ class SeriesResult:
 
 
 def result_numbers(
-    volume: CTVolume,
+    voxel_ml: float,
     lesion: np.ndarray,
     lung: np.ndarray,
     covid_probability: float,
     covid_threshold: float,
 ) -> ResultNumbers:
     """Volumes and percentages, rounded as they are stored in the SR."""
-    voxel_ml = volume.voxel_volume_ml
     lesion_ml = float(np.count_nonzero(lesion)) * voxel_ml
     lung_ml = float(np.count_nonzero(lung)) * voxel_ml
     percent = 100.0 * lesion_ml / lung_ml if lung_ml > 0 else 0.0
@@ -110,7 +109,9 @@ def write_results(
     uids = uids or ResultUIDs()
     timings = dict(timings or {})
     lesion = np.asarray(lesion, dtype=bool) & np.asarray(lung, dtype=bool)
-    numbers = result_numbers(volume, lesion, lung, covid_probability, covid_threshold)
+    numbers = result_numbers(
+        volume.voxel_volume_ml, lesion, lung, covid_probability, covid_threshold
+    )
 
     t0 = time.perf_counter()
     seg = build_seg(
@@ -169,18 +170,15 @@ class SeriesAnalysis:
     voxel_volume_ml: float
     timings: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def lung_volume_ml(self) -> float:
-        return float(np.count_nonzero(self.lung)) * self.voxel_volume_ml
-
-    @property
-    def lesion_volume_ml(self) -> float:
-        return float(np.count_nonzero(self.lesion)) * self.voxel_volume_ml
-
-    @property
-    def lung_involvement_percent(self) -> float:
-        lung = self.lung_volume_ml
-        return 100.0 * self.lesion_volume_ml / lung if lung > 0 else 0.0
+    def numbers(self) -> ResultNumbers:
+        """The series figures rounded as the SR stores them (:func:`result_numbers`)."""
+        return result_numbers(
+            self.voxel_volume_ml,
+            self.lesion,
+            self.lung,
+            self.covid_probability,
+            self.covid_threshold,
+        )
 
     def slice_figures(
         self, sop_instance_uids: Sequence[str], z_mm: Sequence[float]

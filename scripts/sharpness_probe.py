@@ -54,8 +54,8 @@ def main() -> None:
                 "series": item.label,
                 "covid": item.covid,
                 "sigma_px": sigma,
-                "covid_probability": round(a.covid_probability, 4),
-                "lung_involvement_percent": round(a.lung_involvement_percent, 2),
+                "covid_probability": round(a.numbers().covid_probability, 4),
+                "lung_involvement_percent": round(a.numbers().lung_involvement_percent, 2),
             }
             rows.append(row)
             print(
