@@ -35,7 +35,7 @@ from dicom_node.db import (
     series_label,
     utcnow,
 )
-from dicom_node.tls import TLSConfigError, client_context, server_context
+from dicom_node.tls import TLSConfigError
 
 if TYPE_CHECKING:
     from dicom_node.metrics import MetricsServer
@@ -51,38 +51,17 @@ class AdminError(Exception):
 # --------------------------------------------------------------------------- config
 
 
-def deep_check(cfg: NodeConfig) -> list[tuple[str, str]]:
-    """Checks beyond the schema that need the file system: TLS files load, model exists.
+def deep_check(cfg: NodeConfig, connect: bool = False) -> list[tuple[str, str]]:
+    """Checks beyond the schema that need the file system (and, with `connect`, the
+    database server): TLS files load and keys are private, the checkpoint reads, the
+    database URL is usable (`dicom_node.preflight.config_problems`).
 
     Returned as (key path, message) like schema errors, so `config check` prints both
-    the same way.
+    the same way; only errors (not "server unreachable right now" or warnings).
     """
-    problems: list[tuple[str, str]] = []
-    if cfg.node.tls.enabled:
-        try:
-            server_context(cfg.node.tls)
-        except TLSConfigError as exc:
-            problems.append(("node.tls", str(exc)))
-    for i, dest in enumerate(cfg.destinations):
-        if dest.tls.enabled:
-            try:
-                client_context(dest.tls)
-            except TLSConfigError as exc:
-                problems.append((f"destinations.{i}.tls", f"{dest.name}: {exc}"))
-    ckpt = cfg.model.checkpoint
-    if ckpt is not None and not Path(ckpt).is_file():
-        problems.append(("model.checkpoint", f"file {ckpt} does not exist"))
-    if cfg.spool.path.exists() and not cfg.spool.path.is_dir():
-        problems.append(("spool.path", f"{cfg.spool.path} exists and is not a folder"))
-    if cfg.database.url:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
+    from dicom_node.preflight import config_problems
 
-        try:
-            make_url(cfg.database.url)
-        except ArgumentError as exc:
-            problems.append(("database.url", str(exc)))
-    return problems
+    return [(p.key, p.message) for p in config_problems(cfg, connect) if p.level == "error"]
 
 
 # --------------------------------------------------------------------------- destinations
@@ -122,6 +101,30 @@ def destinations(cfg: NodeConfig) -> list[DestinationRow]:
 
 
 # --------------------------------------------------------------------------- jobs
+
+
+def failed_jobs(db: Database, error_contains: str | None = None) -> list[int]:
+    """The last job of every series whose processing failed for good, oldest first.
+
+    With `error_contains`, only jobs whose error holds that text (case-insensitive), e.g.
+    `CheckpointError` for the jobs an older version failed while its model was missing.
+    """
+    with db.session() as s:
+        rows = s.execute(
+            select(Job.id, Job.series_id, Job.state, Job.error)
+            .join(Series, Series.id == Job.series_id)
+            .where(Series.state == SeriesState.FAILED)
+            .order_by(Job.id)
+        ).all()
+    last: dict[int, tuple[int, str, str | None]] = {}
+    for job_id, series_id, state, error in rows:
+        last[series_id] = (job_id, state, error)
+    needle = (error_contains or "").lower()
+    return sorted(
+        job_id
+        for job_id, state, error in last.values()
+        if state == JobState.FAILED and needle in (error or "").lower()
+    )
 
 
 def retry_job(db: Database, job_id: int) -> int:
@@ -243,12 +246,14 @@ def purge(db: Database, spool_root: Path, older_than: dt.timedelta) -> int:
 
 
 def db_upgrade(url: str) -> tuple[str | None, str | None]:
-    """Run the migrations; (revision before, revision after)."""
+    """Run the migrations; (revision before, revision after).
+
+    Both are read under the lock `Database.upgrade` takes, so of two runs at once exactly
+    one reports the upgrade and the other finds the schema already at head.
+    """
     db = Database(url)
     try:
-        before = db.current_revision()
-        db.upgrade()
-        return before, db.current_revision()
+        return db.upgrade()
     finally:
         db.dispose()
 
@@ -258,8 +263,10 @@ def db_upgrade(url: str) -> tuple[str | None, str | None]:
 
 def attach_observability(service: NodeService) -> MetricsServer | None:
     """Readiness checks and queue depth for what this process runs; start the endpoint."""
+    from dicom_node.backoff import faults_for
     from dicom_node.metrics import (
         database_check,
+        failed_deliveries_from_db,
         model_check,
         queue_depth_from_db,
         spool_check,
@@ -275,6 +282,12 @@ def attach_observability(service: NodeService) -> MetricsServer | None:
     if scp is not None:
         m.add_check("scp", lambda: (scp.is_listening, f"port {scp.port}"))
     m.set_queue_depth_source(queue_depth_from_db(service.db))
+    faults = faults_for(service.db)  # what the loops met: database outage, disk full
+    m.watch_faults(faults)
+    m.add_check("faults", faults.readiness)
+    m.set_failed_deliveries_source(
+        failed_deliveries_from_db(service.db, lambda: [d.name for d in service.config.destinations])
+    )
     mc = service.config.metrics
     if not mc.enabled:
         return None

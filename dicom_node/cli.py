@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -38,18 +39,23 @@ Typical use:
 
 Exit status: 0 success, 1 action failed or refused, 2 invalid configuration or usage,
 3 series rejected (process) / config file unreadable (config check), 4 config syntax error;
-evaluate: 1 no series could be scored, 2 malformed labels CSV or checkpoint.
+evaluate: 1 no series could be scored, 2 malformed labels CSV or checkpoint;
+serve / worker refused at start: 2 fix the config or a file it names (checkpoint, TLS
+key, database URL, password, corrupt or emptied SQLite file), 1 may pass by itself
+(database server not reachable, too many connections, port in use).
 """
 
 _PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    from dicom_node.redact import MaskingFormatter
+
+    handler = logging.StreamHandler(sys.stderr)  # every line through mask_secrets
+    handler.setFormatter(
+        MaskingFormatter("%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     if level.upper() != "DEBUG":
         for noisy in ("pynetdicom", "alembic", "highdicom"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -57,11 +63,12 @@ def _setup_logging(level: str) -> None:
 
 def _load(path: str | None):  # type: ignore[no-untyped-def]
     from dicom_node.config import ConfigError, load_config
+    from dicom_node.redact import mask_secrets
 
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        print(mask_secrets(str(exc)), file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -74,19 +81,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if args.port is not None:
         cfg.node.port = args.port
-    service = NodeService(cfg, worker=False if args.no_worker else None, config_path=args.config)
-    return _serve(service)
+    return _serve(
+        lambda: NodeService(cfg, worker=False if args.no_worker else None, config_path=args.config)
+    )
 
 
-def _serve(service: NodeService) -> int:
-    """Run until stopped; a start-up failure (port in use, ...) is one line on stderr."""
+def _serve(make: Callable[[], NodeService]) -> int:
+    """Build the service and run it until stopped.
+
+    A start-up failure (port in use, missing checkpoint, database refused, ...) is one
+    `error:` line per problem on stderr, secrets masked, and exit 2 (fix the config) or 1
+    (may pass: port in use, database server not reachable yet).
+    """
     from dicom_node.config import StartupError
+    from dicom_node.redact import mask_secrets
 
     try:
+        service = make()
         service.serve_forever()
     except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        for line in str(exc).splitlines():
+            print(mask_secrets(f"error: {line}"), file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
@@ -95,14 +111,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.service import NodeService
 
     cfg = _load(args.config)
-    service = NodeService(
-        cfg,
-        scp=False,
-        worker=True,
-        exporter=False if args.no_export else None,
-        config_path=args.config,
+    return _serve(
+        lambda: NodeService(
+            cfg,
+            scp=False,
+            worker=True,
+            exporter=False if args.no_export else None,
+            config_path=args.config,
+        )
     )
-    return _serve(service)
 
 
 def cmd_destinations(args: argparse.Namespace) -> int:
@@ -128,10 +145,18 @@ def cmd_destinations(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _node_db(config: str | None) -> Iterator[tuple[NodeConfig, Database]]:
-    """The config and the (upgraded) database it names, disposed of afterwards."""
+    """The config and the (upgraded) database it names, disposed of afterwards.
+
+    The database is checked first as at start-up (an emptied or corrupt SQLite file, a
+    refused connection): one `error:` line per problem and exit 2 (or 1), never a new
+    schema in an emptied file.
+    """
     from dicom_node.db import Database
 
     cfg = _load(config)
+    refused = _check_database(cfg, thorough=False)
+    if refused:
+        raise SystemExit(refused)
     db = Database(cfg.database_url)
     try:
         db.upgrade()
@@ -156,10 +181,22 @@ def _run_admin(config: str | None, action: Callable[[NodeConfig, Database], list
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from dicom_node.admin import retry_job
+    from dicom_node.admin import AdminError, failed_jobs, retry_job
+
+    if (args.job is None) == (not args.failed) or (args.error_contains and not args.failed):
+        print("error: give a JOB, or --failed [--error-contains TEXT]", file=sys.stderr)
+        return 2
 
     def action(_cfg: NodeConfig, db: Database) -> list[str]:
-        return [f"job {retry_job(db, args.job)} queued (retry of job {args.job})"]
+        if not args.failed:
+            return [f"job {retry_job(db, args.job)} queued (retry of job {args.job})"]
+        lines = []
+        for job_id in failed_jobs(db, args.error_contains):
+            try:
+                lines.append(f"job {retry_job(db, job_id)} queued (retry of job {job_id})")
+            except AdminError as exc:  # e.g. its files were purged: the others still go
+                lines.append(f"job {job_id} not retried: {exc}")
+        return lines or ["no failed job to retry"]
 
     return _run_admin(args.config, action)
 
@@ -190,17 +227,37 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return _run_admin(args.config, action)
 
 
+def _check_database(cfg: NodeConfig, thorough: bool, prefix: str = "") -> int:
+    """The start-up checks of the database: 0, or print the problems and return the exit
+    status (2: fix the config or the file, 1: the server may come back)."""
+    from dicom_node.config import StartupError
+    from dicom_node.preflight import database_problems, raise_for
+
+    try:
+        raise_for(database_problems(cfg, connect=True, thorough=thorough))
+    except StartupError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {prefix}{line}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from dicom_node.admin import db_upgrade
-    from dicom_node.service import _safe_url
+    from dicom_node.preflight import describe_db_error
+    from dicom_node.redact import mask_secrets
 
     cfg = _load(args.config)
+    refused = _check_database(cfg, thorough=True, prefix="database upgrade failed: ")
+    if refused:
+        return refused
     try:
         before, after = db_upgrade(cfg.database_url)
     except Exception as exc:  # connection refused, permissions, failed migration
-        print(f"error: database upgrade failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        line, _ = describe_db_error(exc)
+        print(f"error: database upgrade failed: {type(exc).__name__}: {line}", file=sys.stderr)
         return 1
-    url = _safe_url(cfg.database_url)
+    url = mask_secrets(cfg.database_url)
     if before == after:
         print(f"{url}: already at revision {after}")
     else:
@@ -324,16 +381,39 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+#: `status --state` value for series whose current result failed to reach a destination
+DELIVERY_FAILED = "delivery-failed"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
+    from sqlalchemy import or_, select
     from sqlalchemy.orm import selectinload
 
-    from dicom_node.db import Job, Result, Series
+    from dicom_node.db import (
+        Delivery,
+        DeliveryState,
+        Job,
+        Result,
+        Series,
+        SeriesState,
+        refusal_summary,
+    )
 
     with _node_db(args.config) as (_cfg, db):
         with db.session() as s:
             query = select(Series).order_by(Series.last_received_at.desc()).limit(args.limit)
-            if args.state:
+            undelivered = (
+                select(Result.series_id)
+                .join(Delivery, Delivery.result_id == Result.id)
+                .where(Delivery.state == DeliveryState.FAILED, Result.superseded.is_(False))
+            )
+            if args.state == DELIVERY_FAILED:
+                query = query.where(Series.id.in_(undelivered))
+            elif args.state == SeriesState.FAILED:  # processing failed, or a delivery did
+                query = query.where(
+                    or_(Series.state == SeriesState.FAILED, Series.id.in_(undelivered))
+                )
+            elif args.state:
                 query = query.where(Series.state == args.state)
             series = list(s.scalars(query).all())
             rows = []
@@ -348,6 +428,19 @@ def cmd_status(args: argparse.Namespace) -> int:
                     )
                 }
                 rows.append((se, jobs, results))
+
+        def failed_to(results: dict[int, Result]) -> list[str]:
+            """Destinations the current result of a series failed to reach for good."""
+            return sorted(
+                {
+                    d.destination
+                    for r in results.values()
+                    if not r.superseded
+                    for d in r.deliveries
+                    if d.state == DeliveryState.FAILED
+                }
+            )
+
         if args.json:
             out = []
             for se, jobs, results in rows:
@@ -355,8 +448,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                     {
                         "series_instance_uid": se.series_instance_uid,
                         "state": se.state,
+                        "delivery_failed": failed_to(results),
                         "reason": se.reason,
                         "instances": se.n_instances,
+                        "refused_instances": se.refusals or {},
+                        "receive_interrupted": se.receive_interrupted,
                         "calling_ae": se.calling_ae,
                         "last_received_at": se.last_received_at.isoformat(),
                         "jobs": [
@@ -391,12 +487,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("no series received yet")
             return 0
         for se, jobs, results in rows:
+            failed = failed_to(results)
             print(
                 f"{se.last_received_at:%Y-%m-%d %H:%M:%S}  {se.state:<10} {se.n_instances:>4} inst"
                 f"  from {se.calling_ae or '?':<16} series {se.series_instance_uid}"
+                + (f"  [delivery failed: {', '.join(failed)}]" if failed else "")
             )
             if se.reason:
                 print(f"    reason: {se.reason}")
+            refused = refusal_summary(se.refusals)
+            if refused and refused not in (se.reason or ""):
+                print(f"    {refused}")
+            if se.receive_interrupted:
+                print(f"    last association {se.receive_interrupted}")
             for j in jobs:
                 line = f"    job {j.id:<5} {j.state:<10} attempts {j.attempts}"
                 if j.timings:
@@ -422,22 +525,31 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from dicom_node.admin import deep_check
     from dicom_node.config import ConfigError, effective_toml, load_config
+    from dicom_node.preflight import config_problems
+    from dicom_node.redact import mask_secrets
 
+    warnings: list[str] = []
     try:
         cfg = load_config(args.path)
-        errors = deep_check(cfg)
+        problems = config_problems(cfg, connect=not args.no_connect)
+        errors = [(p.key, p.message) for p in problems if p.level == "error"]
+        warnings = [p.line for p in problems if p.level != "error"]
         code = 2
     except ConfigError as exc:
         errors = exc.errors
         keys = {key for key, _ in exc.errors}
         code = 3 if keys == {"(file)"} else 4 if keys == {"(syntax)"} else 2
+    for line in warnings:  # e.g. the database server not reachable now: not a config error
+        print(f"warning: {line}", file=sys.stderr)
     if errors:
         print(f"{args.path}: {len(errors)} error(s)", file=sys.stderr)
         for key, msg in errors:
-            print(f"  {key}: {msg}", file=sys.stderr)
+            print(mask_secrets(f"  {key}: {' '.join(msg.split())}"), file=sys.stderr)
         return code
+    if args.quiet:
+        print(f"# {args.path}: valid")
+        return 0
     print(f"# {args.path}: valid; effective configuration (defaults and environment applied)")
     print(effective_toml(cfg), end="")
     return 0
@@ -540,7 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, help="series to show (default 20)")
     p.add_argument(
         "--state",
-        help="only series in this state (receiving, queued, processing, done, rejected, failed)",
+        help="only series in this state (receiving, queued, processing, done, rejected, "
+        "failed); 'failed' also lists series whose results failed to reach a destination "
+        f"for good, '{DELIVERY_FAILED}' only those",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
@@ -550,10 +664,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser(
         "check",
         help="validate a config file and print the effective configuration",
-        description="Exit 0 and print the effective config, or exit 2 and print every "
-        "error with its key path.",
+        description="Exit 0 and print the effective config (passwords masked), or exit 2 "
+        "and print every error with its key path. Checks the files the config names (TLS "
+        "files and key permissions, the model checkpoint's header) and tries the database: "
+        "the driver, the SQLite file (opens, not emptied) or a connection to the server. A "
+        "server that cannot be reached right now is a warning, not an error.",
     )
     c.add_argument("path", metavar="PATH")
+    c.add_argument("--no-connect", action="store_true", help="do not connect to a database server")
+    c.add_argument(
+        "--quiet", "-q", action="store_true", help="do not print the effective configuration"
+    )
     c.set_defaults(func=cmd_config_check)
 
     p = sub.add_parser(
@@ -580,9 +701,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "retry",
         help="queue a finished (failed, rejected or done) job again",
-        description="Adds a new job for the job's series; the running workers pick it up.",
+        description="Adds a new job for the job's series; the running workers pick it up. "
+        "--failed does so for the last job of every series whose processing failed for "
+        "good, e.g. after the model was missing: --failed --error-contains CheckpointError.",
     )
-    p.add_argument("job", type=int, metavar="JOB", help="job id (see status)")
+    p.add_argument("job", type=int, nargs="?", metavar="JOB", help="job id (see status)")
+    p.add_argument(
+        "--failed", action="store_true", help="every series whose processing failed for good"
+    )
+    p.add_argument(
+        "--error-contains", metavar="TEXT", help="with --failed: only jobs whose error has TEXT"
+    )
     p.add_argument("--config", help="node TOML config")
     p.set_defaults(func=cmd_retry)
 
@@ -590,7 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
         "resend",
         help="send the latest result of a series again",
         description="Queues the SEG and SR of the series' latest result for its routed "
-        "destinations (or --to NAME ...); the running node's exporter sends them.",
+        "destinations (or --to NAME ...) with a fresh retry budget; the running node's "
+        "exporter sends them. For deliveries that failed for good (status shows "
+        "'[delivery failed: DEST]'; `status --state delivery-failed` lists them), a "
+        "destination that was removed from the config and added again, or a PACS that lost "
+        "the objects. The exporter also queues failed deliveries again by itself once their "
+        "destination answers C-ECHO (export.recheck_failed_s), except objects the PACS "
+        "refused by status.",
     )
     p.add_argument("series", metavar="SERIES_UID", help="Series Instance UID of the CT series")
     p.add_argument("--to", action="append", metavar="DEST", help="destination name (repeatable)")
@@ -619,10 +754,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
-    return int(args.func(args))
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _setup_logging(args.log_level)
+        code = int(args.func(args))
+        sys.stdout.flush()  # a pipe closed early fails here, not at interpreter exit
+    except BrokenPipeError:
+        _stdout_gone()
+        return 141  # 128 + SIGPIPE, as a shell reports a command that `head` cut short
+    return code
+
+
+def _stdout_gone() -> None:
+    """The reader of stdout went away (`status | head`): exit quietly, no traceback.
+
+    Standard output is pointed at /dev/null so that Python's flush at exit does not
+    raise the same error again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (tests)
+        pass
 
 
 if __name__ == "__main__":

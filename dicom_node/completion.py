@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 
+from dicom_node.backoff import is_database_unavailable, is_disk_full
 from dicom_node.db import (
     Database,
     Instance,
@@ -32,6 +33,7 @@ from dicom_node.db import (
     Series,
     SeriesState,
     Study,
+    refusal_summary,
     series_label,
     utcnow,
 )
@@ -71,12 +73,34 @@ class CompletionMonitor(NodePart):
     _last_purge: dt.datetime | None = None  # set per instance by `_maybe_purge`
 
     def idle_series(self, now: dt.datetime) -> list[int]:
-        cutoff = now - dt.timedelta(seconds=self.config.completion.idle_seconds)
+        """Series quiet for `idle_seconds`, or for `interrupted_idle_seconds` when their last
+        association was aborted or dropped (a cut-off transfer is likely to be resent), and
+        with no open association that delivered instances of them (it may send more, e.g.
+        after a database outage that refused some of its instances)."""
+        cfg = self.config.completion
+        cutoff = now - dt.timedelta(seconds=cfg.idle_seconds)
+        cutoff_interrupted = now - dt.timedelta(seconds=cfg.interrupted_idle_seconds)
         with self.db.session() as s:
             return list(
                 s.scalars(
                     select(Series.id)
-                    .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)
+                    .where(
+                        Series.state == SeriesState.RECEIVING,
+                        or_(  # an association still delivering: not complete
+                            Series.association_open_until.is_(None),
+                            Series.association_open_until <= now,
+                        ),
+                        or_(
+                            and_(
+                                Series.receive_interrupted.is_(None),
+                                Series.last_received_at <= cutoff,
+                            ),
+                            and_(
+                                Series.receive_interrupted.is_not(None),
+                                Series.last_received_at <= cutoff_interrupted,
+                            ),
+                        ),
+                    )
                     .order_by(Series.last_received_at)
                 ).all()
             )
@@ -88,7 +112,9 @@ class CompletionMonitor(NodePart):
         for series_id in self.idle_series(now):
             try:
                 outcome = self.complete(series_id)
-            except Exception:  # one bad series must not stop the others
+            except Exception as exc:  # one bad series must not stop the others
+                if is_database_unavailable(exc) or is_disk_full(exc):
+                    raise  # not this series' fault: the loop backs off (logged once)
                 logger.exception("completion of series row %s failed", series_id)
                 continue
             if outcome is not None:
@@ -104,6 +130,8 @@ class CompletionMonitor(NodePart):
             seen_at, seen_n = series.last_received_at, series.n_instances
             uid = series.series_instance_uid
             key = series_label(uid, series.study.study_instance_uid)
+            refused = refusal_summary(series.refusals)
+            interrupted = series.receive_interrupted
             paths = list(
                 s.scalars(
                     select(Instance.path)
@@ -112,7 +140,14 @@ class CompletionMonitor(NodePart):
                 ).all()
             )
 
-        reasons = self._judge(uid, paths)
+        if interrupted:
+            logger.warning("%s: judged after its last association was %s", key, interrupted)
+        reasons = self._judge(uid, paths) if paths else ["no instance was accepted"]
+        if refused:
+            if reasons:
+                reasons.append(refused)
+            else:
+                logger.warning("%s: %s", key, refused)
         with self.db.session() as s:
             values: dict[str, object] = {
                 "state": SeriesState.REJECTED if reasons else SeriesState.QUEUED,
@@ -178,11 +213,15 @@ class CompletionMonitor(NodePart):
     def run(self, stop: threading.Event) -> None:
         interval = self.config.completion.poll_interval_s
         logger.info("completion monitor started (idle %.1f s)", self.config.completion.idle_seconds)
+        guard = self.loop_guard("completion")
         while not stop.is_set():
+            guard.configure(self.config.backoff.initial_s, self.config.backoff.max_s)
             try:
                 self.check_once()
-            except Exception:
-                logger.exception("completion check failed")
+                guard.succeeded()
+            except Exception as exc:  # database unavailable, disk full, ...: back off
+                stop.wait(guard.failed(exc, "completion check failed"))
+                continue
             stop.wait(interval)
         logger.info("completion monitor stopped")
 

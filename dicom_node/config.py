@@ -30,7 +30,15 @@ from pydantic import (
 
 from dicom_node.results import ResultOptions
 from dicom_node.selection import SelectionRules
-from dicom_node.tls import InboundTLSSettings, TLSSettings
+from dicom_node.tls import (
+    InboundTLSSettings,
+    PeerCertificate,
+    TLSSettings,
+    identity_mismatch,
+    normalize_fingerprint,
+    parse_san,
+    parse_subject,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,12 @@ class NodeSection(_Section):
     bind: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 = all)")
     port: int = Field(11112, ge=0, le=65535, description="0 = any free port")
     max_associations: int = Field(16, ge=1)
+    max_associations_per_caller: int | None = Field(
+        None, ge=1, description="associations one caller (AE title and host) may hold at once"
+    )
+    max_pixel_data_mb: float = Field(
+        1024.0, gt=0, description="refuse an instance whose decoded pixel data is larger"
+    )
     max_pdu_size: int = Field(0, ge=0, description="0 = unlimited")
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
@@ -94,11 +108,70 @@ class NodeSection(_Section):
 
 
 class AllowedCaller(_Section):
-    """One peer allowed to send: its AE title, optionally pinned to a host address."""
+    """One peer allowed to send: its AE title, optionally pinned to a host address and to
+    its TLS client certificate.
+
+    `tls_subject`, `tls_san` and `tls_fingerprint_sha256` tie the AE title to a
+    certificate (every key given must match): without them any certificate signed by
+    `node.tls.ca_file` may call as this AE title. `tls_subject` without `=` is the
+    subject's CN (`"pacs1.hospital.example"`); with `=` it is the whole subject in RFC 4514
+    (`"CN=pacs1,O=Hospital,C=DE"`; order, spacing and case do not matter). `tls_san`: any
+    one of these DNS names / IP addresses must be in the certificate's subjectAltName.
+    An identity implies `require_tls`.
+    """
 
     ae_title: AETitle
     host: str | None = Field(None, description="IP address the association must come from")
     require_tls: bool = Field(False, description="refuse this caller on the plain (non-TLS) port")
+    tls_subject: str | None = Field(
+        None, min_length=1, description="certificate subject CN, or the whole RFC 4514 subject"
+    )
+    tls_san: list[str] | None = Field(
+        None, min_length=1, description="DNS names / IP addresses; one must be in the SAN"
+    )
+    tls_fingerprint_sha256: str | None = Field(
+        None, description="SHA-256 of the certificate (hex, colons optional)"
+    )
+
+    @field_validator("tls_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is not None and "=" in value:
+            parse_subject(value)  # ValueError: not TYPE=value
+        return value
+
+    @field_validator("tls_san")
+    @classmethod
+    def _san(cls, value: list[str] | None) -> list[str] | None:
+        for entry in value or ():
+            parse_san(entry)
+        return value
+
+    @field_validator("tls_fingerprint_sha256")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_fingerprint(value)
+
+    @property
+    def has_identity(self) -> bool:
+        return bool(self.tls_subject or self.tls_san or self.tls_fingerprint_sha256)
+
+    @model_validator(mode="after")
+    def _identity_needs_tls(self) -> AllowedCaller:
+        if self.has_identity and not self.require_tls:
+            if "require_tls" in self.model_fields_set:
+                raise ValueError(
+                    "tls_subject / tls_san / tls_fingerprint_sha256 need TLS: "
+                    "leave require_tls out or set it to true"
+                )
+            self.require_tls = True
+        return self
+
+    def identity_problem(self, cert: PeerCertificate | None) -> str | None:
+        """Why `cert` is not this caller's certificate; None when it is (or no identity)."""
+        if not self.has_identity:
+            return None
+        return identity_mismatch(cert, self.tls_subject, self.tls_san, self.tls_fingerprint_sha256)
 
 
 #: Per-destination TLS; the model lives in `dicom_node.tls` (kept under its old name).
@@ -146,6 +219,12 @@ class CompletionSection(_Section):
     """`[completion]`: when a series counts as complete."""
 
     idle_seconds: float = Field(10.0, gt=0, description="no new instance for this long")
+    interrupted_idle_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="idle time instead, when the last association of the series was aborted "
+        "or dropped (the sender may be resending)",
+    )
     poll_interval_s: float = Field(1.0, gt=0)
 
 
@@ -154,7 +233,9 @@ class ModelSection(_Section):
 
     checkpoint: Path | None = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: OpenVINO on a CPU where `ctmtl[openvino]` is installed, else torch (always on CUDA)
+    engine: Literal["auto", "torch", "openvino"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"  # int8: OpenVINO only
     batch_size: int = Field(16, ge=1)
     compile: bool = False
 
@@ -199,12 +280,28 @@ class ExportSection(_Section):
     """`[export]`: C-STORE of results, retried with exponential backoff."""
 
     enabled: bool = True
-    max_attempts: int = Field(8, ge=1)
+    max_attempts: int = Field(
+        80, ge=1, description="with the default backoff (5 s doubling to 600 s) about 12 h"
+    )
     initial_backoff_s: float = Field(5.0, ge=0)
     max_backoff_s: float = Field(600.0, ge=0)
     poll_interval_s: float = Field(1.0, gt=0)
     lease_seconds: float = Field(300.0, gt=0)
     max_parallel: int = Field(4, ge=1, description="destinations served at the same time")
+    recheck_failed_s: float = Field(
+        300.0,
+        ge=0,
+        description="C-ECHO destinations with failed deliveries this often and queue them "
+        "again when the echo succeeds; 0 = never",
+    )
+
+
+class BackoffSection(_Section):
+    """`[backoff]`: how the completion, worker and export loops wait after an error
+    (database unavailable, disk full): `initial_s` doubling up to `max_s`, jittered."""
+
+    initial_s: float = Field(1.0, gt=0)
+    max_s: float = Field(60.0, gt=0)
 
 
 class NodeConfig(_Section):
@@ -223,6 +320,7 @@ class NodeConfig(_Section):
     spool: SpoolSection = Field(default_factory=SpoolSection)
     worker: WorkerSection = Field(default_factory=WorkerSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    backoff: BackoffSection = Field(default_factory=BackoffSection)
     results: ResultOptions = Field(default_factory=ResultOptions)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
 
@@ -244,6 +342,12 @@ class NodeConfig(_Section):
         tls_callers = [c.ae_title for c in self.allowed_callers if c.require_tls]
         if tls_callers and not self.node.tls.enabled:
             raise ValueError(f"allowed callers {tls_callers} require TLS but node.tls is off")
+        pinned = [c.ae_title for c in self.allowed_callers if c.has_identity]
+        if pinned and not self.node.tls.verify_peer:
+            raise ValueError(
+                f"allowed callers {pinned} name a TLS certificate identity but "
+                "node.tls.verify_peer is false (the node would not ask for certificates)"
+            )
         if self.metrics.enabled and self.metrics.port:
             tls_port = self.node.tls.port if self.node.tls.enabled else None
             for key, port in (("node.port", self.node.port), ("node.tls.port", tls_port)):
@@ -299,6 +403,27 @@ class NodeConfig(_Section):
                 return True
         return False
 
+    def caller_identity_problem(
+        self, ae_title: str, host: str | None, cert: PeerCertificate | None
+    ) -> str | None:
+        """Why the caller's TLS certificate is not the one `allowed_callers` names for it.
+
+        None when a matching entry (AE title, host) names no identity or one that `cert`
+        matches; else the reasons of each matching entry.
+        """
+        entries = [
+            c
+            for c in self.allowed_callers
+            if c.ae_title == ae_title.strip() and c.host in (None, host)
+        ]
+        problems = []
+        for caller in entries:
+            problem = caller.identity_problem(cert)
+            if problem is None:
+                return None
+            problems.append(problem)
+        return "; ".join(dict.fromkeys(problems)) or None
+
     def caller_requires_tls(self, ae_title: str, host: str | None) -> bool:
         """True when the matching allowed-caller entry demands TLS."""
         return any(
@@ -308,7 +433,16 @@ class NodeConfig(_Section):
 
 
 class StartupError(RuntimeError):
-    """The node cannot start as configured (a port in use, ...); the message names the key."""
+    """The node cannot start as configured (a port in use, ...); the message names the key.
+
+    `exit_code` is what `serve`/`worker` exit with: 2 for what only a change of the
+    configuration or the files it names can fix (systemd does not restart it), 1 for what
+    may pass by itself (a port in use, the database server not reachable yet).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
     @classmethod
     def port_in_use(cls, key: str, bind: str, port: int, what: str, exc: OSError) -> StartupError:
@@ -427,14 +561,45 @@ def load_config(
         cfg = NodeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, _errors(exc)) from None
-    return _resolve_paths(cfg, base)
+    cfg = _resolve_paths(cfg, base)
+    _register_secrets(cfg)
+    return cfg
+
+
+def _register_secrets(cfg: NodeConfig) -> None:
+    """Make the loaded config's secrets known to `dicom_node.redact.mask_secrets`."""
+    from dicom_node.redact import register_secret, register_url_password
+
+    register_url_password(cfg.database.url)
+    for tls in [cfg.node.tls, *(dest.tls for dest in cfg.destinations)]:
+        if tls.key_password_env:
+            register_secret(os.environ.get(tls.key_password_env))
 
 
 def effective_toml(cfg: NodeConfig) -> str:
     """The effective config as TOML-like text (for `config check`)."""
+    from dicom_node.redact import MASK, mask_secrets
+
     data = cfg.model_dump(mode="json", exclude_none=True)
     data["database"]["url"] = cfg.database_url
-    return _to_toml(data)
+    return mask_secrets(_to_toml(_mask_secret_keys(data, MASK)))
+
+
+_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|token|api_key)(?!_env)")
+
+
+def _mask_secret_keys(data: Any, mask: str) -> Any:
+    """Values of keys named like a secret (`password`, `token`, ...) replaced by `mask`."""
+    if isinstance(data, dict):
+        return {
+            k: mask
+            if isinstance(v, str) and v and _SECRET_KEY.search(k)
+            else _mask_secret_keys(v, mask)
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_mask_secret_keys(v, mask) for v in data]
+    return data
 
 
 def _toml_value(value: Any) -> str:

@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
+#: PostgreSQL advisory lock key that serialises schema upgrades (`Database.upgrade`).
+UPGRADE_LOCK_KEY = 7425311
+
 
 def utcnow() -> dt.datetime:
     """Naive UTC (why: SQLite drops time zones, so every timestamp is stored naive UTC)."""
@@ -127,6 +130,13 @@ class Series(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    #: instances refused at C-STORE, {reason: count} (they never became rows)
+    refusals: Mapped[dict[str, int] | None] = mapped_column(JSON)
+    #: how the last association that brought instances ended, when not by a release
+    receive_interrupted: Mapped[str | None] = mapped_column(String(64))
+    #: an association that delivered instances of the series is open until at most this
+    #: (refreshed per instance, cleared when it ends): the series is not complete before
+    association_open_until: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -243,6 +253,23 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+#: Seconds a new server connection may take (libpq drivers), so that start-up checks and
+#: `/readyz` answer "unavailable" instead of hanging on an unreachable database host.
+CONNECT_TIMEOUT_S = 10
+
+
+def connect_timeout_args(url: str) -> dict[str, Any]:
+    """`connect_args` with a connect timeout for libpq drivers, unless the URL sets one."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql" or "connect_timeout" in parsed.query:
+        return {}
+    if parsed.get_driver_name() not in ("psycopg2", "psycopg"):
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT_S}
+
+
 class Database:
     """Engine + session factory for one URL; `upgrade()` brings the schema to head."""
 
@@ -255,6 +282,7 @@ class Database:
                 Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         else:
             kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = connect_timeout_args(url)
         self.engine = create_engine(url, **kwargs)
         if self.engine.dialect.name == "sqlite":
             _sqlite_setup(self.engine)
@@ -274,21 +302,30 @@ class Database:
         finally:
             session.close()
 
-    def upgrade(self, revision: str = "head") -> None:
-        """Run the alembic migrations (start-up and `db upgrade`).
+    def upgrade(self, revision: str = "head") -> tuple[str | None, str | None]:
+        """Run the alembic migrations (start-up and `db upgrade`); (revision before, after).
 
-        On PostgreSQL a transaction-scoped advisory lock serialises processes that start
-        together (SCP nodes and workers at boot): the first migrates, the others then
-        find the schema at head.
+        Processes that start together (SCP nodes and workers at boot, two `db upgrade`
+        runs) are serialised, and the revision "before" is read under that lock, in the
+        transaction that migrates: on PostgreSQL by a transaction-scoped advisory lock, on
+        SQLite by the write lock of `BEGIN IMMEDIATE` (every transaction here starts so).
+        The first migrates; the others wait, then find the schema at head and report
+        before == after.
         """
         from alembic import command
+        from alembic.runtime.migration import MigrationContext
 
         with self.engine.begin() as connection:
             if self.dialect == "postgresql":
-                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7425311)")
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
+            before = MigrationContext.configure(connection).get_current_revision()
             cfg = alembic_config(self.url)
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, revision)
+            after = MigrationContext.configure(connection).get_current_revision()
+        if before != after:
+            logger.debug("database schema upgraded from %s to %s", before or "empty", after)
+        return before, after
 
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
@@ -329,6 +366,9 @@ class InstanceRecord:
     calling_ae: str | None = None
     calling_host: str | None = None
     called_ae: str | None = None
+    #: how long the delivering association may stay open without another instance (its
+    #: network timeout): completion does not judge the series before that
+    open_for_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +378,112 @@ class IngestOutcome:
     content_changed: bool  # False for an identical re-send
     series_reopened: bool  # the series had left `receiving` and goes back to it
     new_series: bool = False  # the first instance of a series not seen before
+
+
+class InstanceConflict(Exception):
+    """A SOP Instance UID that already names an instance of another series.
+
+    Why refuse: accepting it would either drop it from its new series or repoint the earlier
+    series' row at a file of another series (issue 13).
+    """
+
+
+@dataclass(frozen=True)
+class KnownInstance:
+    """The row an earlier C-STORE left for a SOP Instance UID."""
+
+    series_uid: str
+    path: str
+    sha256: str
+
+
+def find_instance(db: Database, sop_uid: str) -> KnownInstance | None:
+    with db.session() as s:
+        row = s.execute(
+            select(Series.series_instance_uid, Instance.path, Instance.sha256)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Instance.sop_instance_uid == sop_uid)
+        ).first()
+    return None if row is None else KnownInstance(row[0], row[1], row[2])
+
+
+def _study_and_series(
+    s: Session, study_uid: str, series_uid: str, modality: str | None, now: dt.datetime
+) -> tuple[Series, bool]:
+    """The series row (and its study's), created in `receiving` when first seen."""
+    study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
+    if study is None:
+        study = Study(study_instance_uid=study_uid, created_at=now)
+        s.add(study)
+        s.flush()
+    series = s.scalars(select(Series).where(Series.series_instance_uid == series_uid)).first()
+    if series is not None:
+        return series, False
+    series = Series(
+        study_id=study.id,
+        series_instance_uid=series_uid,
+        modality=modality,
+        state=SeriesState.RECEIVING,
+        n_instances=0,
+        received_bytes=0,
+        first_received_at=now,
+        last_received_at=now,
+    )
+    s.add(series)
+    s.flush()
+    return series, True
+
+
+def record_refusal(
+    db: Database,
+    study_uid: str,
+    series_uid: str,
+    modality: str | None,
+    reason: str,
+    now: dt.datetime | None = None,
+) -> bool:
+    """Count an instance refused at C-STORE against its series; True for a new series.
+
+    A series whose every instance was refused is still created, so that completion rejects
+    it with the stored reason instead of it vanishing without a trace.
+    """
+    now = now or utcnow()
+    for attempt in range(3):
+        try:
+            with db.session() as s:
+                series, new = _study_and_series(s, study_uid, series_uid, modality, now)
+                refusals = dict(series.refusals or {})
+                refusals[reason] = refusals.get(reason, 0) + 1
+                series.refusals = refusals
+                if series.state == SeriesState.RECEIVING:
+                    series.last_received_at = now
+                return new
+        except IntegrityError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def refusal_summary(refusals: dict[str, int] | None) -> str | None:
+    """One line for logs and reasons: 'N instance(s) refused at C-STORE: reason (n); ...'."""
+    if not refusals:
+        return None
+    total = sum(refusals.values())
+    parts = "; ".join(f"{why} ({n})" for why, n in sorted(refusals.items(), key=lambda kv: -kv[1]))
+    return f"{total} instance(s) refused at C-STORE: {parts}"
+
+
+def mark_association_end(db: Database, series_ids: list[int], interrupted: str | None) -> None:
+    """Remember per series whether the last association that brought instances ended well;
+    the series no longer waits for that association."""
+    if not series_ids:
+        return
+    with db.session() as s:
+        s.execute(
+            update(Series)
+            .where(Series.id.in_(series_ids))
+            .values(receive_interrupted=interrupted, association_open_until=None)
+        )
 
 
 def record_instance(
@@ -371,26 +517,7 @@ def _set_file(inst: Instance, rec: InstanceRecord, now: dt.datetime) -> None:
 
 
 def _record_instance(s: Session, rec: InstanceRecord, now: dt.datetime) -> IngestOutcome:
-    study = s.scalars(select(Study).where(Study.study_instance_uid == rec.study_uid)).first()
-    if study is None:
-        study = Study(study_instance_uid=rec.study_uid, created_at=now)
-        s.add(study)
-        s.flush()
-    series = s.scalars(select(Series).where(Series.series_instance_uid == rec.series_uid)).first()
-    new_series = series is None
-    if series is None:
-        series = Series(
-            study_id=study.id,
-            series_instance_uid=rec.series_uid,
-            modality=rec.modality,
-            state=SeriesState.RECEIVING,
-            n_instances=0,
-            received_bytes=0,
-            first_received_at=now,
-            last_received_at=now,
-        )
-        s.add(series)
-        s.flush()
+    series, new_series = _study_and_series(s, rec.study_uid, rec.series_uid, rec.modality, now)
     inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == rec.sop_uid)).first()
     new_instance = inst is None
     changed = True
@@ -400,12 +527,20 @@ def _record_instance(s: Session, rec: InstanceRecord, now: dt.datetime) -> Inges
         s.add(inst)
         series.n_instances = (series.n_instances or 0) + 1
         series.received_bytes = (series.received_bytes or 0) + rec.size
+    elif inst.series_id != series.id:
+        other = s.get(Series, inst.series_id)
+        raise InstanceConflict(
+            "SOP Instance UID already belongs to series "
+            + (other.series_instance_uid if other is not None else "?")
+        )
     else:
-        changed = inst.sha256 != rec.sha256 or inst.series_id != series.id
+        changed = inst.sha256 != rec.sha256
         inst.times_received += 1
         if changed:
             series.received_bytes = (series.received_bytes or 0) + rec.size - inst.size
             _set_file(inst, rec, now)
+    if rec.open_for_s is not None:
+        series.association_open_until = now + dt.timedelta(seconds=rec.open_for_s)
     series.calling_ae = rec.calling_ae
     series.calling_host = rec.calling_host
     series.called_ae = rec.called_ae

@@ -5,7 +5,19 @@ count, next attempt time and last error. The exporter claims due rows, at most o
 destination at a time, and sends them on a small thread pool without waiting for the
 others, so a destination that is down or slow (connect timeouts) never delays another.
 A failed attempt is retried with exponential backoff
-(`initial_backoff_s * 2**(attempt-1)`, capped at `max_backoff_s`) until `max_attempts`.
+(`initial_backoff_s * 2**(attempt-1)`, capped at `max_backoff_s`) until `max_attempts`
+(by default about 12 hours, longer than a PACS maintenance window). A delivery that failed
+for good stays visible (`ctmtl-node status`, `ctmtl_deliveries_failed`); every
+`export.recheck_failed_s` the exporter C-ECHOes each destination with failed deliveries and,
+when it answers, queues them again with a fresh retry budget (except objects the peer
+refused by status, which only `ctmtl-node resend` sends again).
+
+A TLS failure says what failed ("TLS: certificate verify failed: hostname mismatch ...",
+"... self-signed certificate", "the peer refused the node's client certificate"), not
+"aborted or no answer". One that no retry can get past (the peer's certificate is not
+trusted or does not name the host, the port does not speak TLS, a TLS file does not load)
+fails the delivery at once; a config reload (SIGHUP) echoes the failed destinations
+again at once with the new settings, and `ctmtl-node resend` queues it by hand.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -27,6 +40,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
 
+from dicom_node.backoff import describe, is_database_unavailable
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.db import (
     Database,
@@ -40,7 +54,7 @@ from dicom_node.db import (
 )
 from dicom_node.metrics import NodeMetrics
 from dicom_node.parts import NodePart
-from dicom_node.tls import TLSSettings, tls_args
+from dicom_node.tls import TLSConfigError, TLSSettings, handshake_failure, tls_args
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +63,15 @@ _WARNINGS_OK = {0x0001, 0xB000, 0xB006, 0xB007}
 
 
 class ExportError(RuntimeError):
-    """A destination could not be reached or did not store every object."""
+    """A destination could not be reached or did not store every object.
+
+    `permanent`: retrying cannot help until the configuration or a certificate changes
+    (a TLS verification failure, a TLS file that does not load); not retried.
+    """
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -98,11 +120,12 @@ def echo(peer: Peer) -> tuple[bool, str]:
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification
     t0 = time.perf_counter()
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=peer.tls_args())
+        tls = peer.tls_args()
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
     except (OSError, ValueError) as exc:  # ValueError: TLSConfigError (files, key)
         return False, f"C-ECHO {peer}: {exc}"
     if not assoc.is_established:
-        return False, _association_failure(assoc, peer)
+        return False, _association_failure(assoc, peer, tls)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -114,12 +137,36 @@ def echo(peer: Peer) -> tuple[bool, str]:
     return False, f"C-ECHO {peer}: status {code}"
 
 
-def _association_failure(assoc: object, peer: Peer) -> str:
+def _association_failure(assoc: object, peer: Peer, tls: Any = None) -> str:
     if getattr(assoc, "is_rejected", False):
         return f"association with {peer} rejected (check AE titles / allowed callers)"
+    tls_failure = handshake_failure(tls)  # the real cause, where pynetdicom says "aborted"
+    if tls_failure is not None:
+        return f"{tls_failure}; peer {peer}"
     if getattr(assoc, "is_aborted", False):
+        unreachable = _tcp_problem(peer)
+        if unreachable is not None:
+            return f"cannot connect to {peer}: {unreachable}"
         return f"association with {peer} aborted or no answer"
     return f"cannot associate with {peer}"
+
+
+def _tcp_problem(peer: Peer) -> str | None:
+    """Why a TCP connection to the peer fails (refused, timed out, ...), None when it works.
+
+    pynetdicom reports a failed connect only as an aborted association; one plain connect
+    tells "nothing listens there" from "a peer that accepted and then did not answer".
+    """
+    where = f"{peer.host}:{peer.port}"
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=min(peer.timeout_s, 5.0)):
+            return None
+    except ConnectionRefusedError:
+        return f"connection refused ({where})"
+    except TimeoutError:
+        return f"connection timed out ({where})"
+    except OSError as exc:
+        return f"{exc.strerror or exc} ({where})"
 
 
 def send_files(peer: Peer, files: Sequence[Path]) -> list[str]:
@@ -143,11 +190,18 @@ def send_files(peer: Peer, files: Sequence[Path]) -> list[str]:
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, syntaxes)
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=peer.tls_args())
+        tls = peer.tls_args()
+    except TLSConfigError as exc:  # a TLS file went missing or does not load any more
+        raise ExportError(f"{peer}: {exc}", permanent=True) from exc
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
     except OSError as exc:
         raise ExportError(f"cannot connect to {peer}: {exc}") from exc
     if not assoc.is_established:
-        raise ExportError(_association_failure(assoc, peer))
+        failure = handshake_failure(tls)
+        raise ExportError(
+            _association_failure(assoc, peer, tls), failure is not None and failure.permanent
+        )
     stored: list[str] = []
     try:
         for ds, path in zip(datasets, files, strict=True):
@@ -172,6 +226,61 @@ def send_files(peer: Peer, files: Sequence[Path]) -> list[str]:
 def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
     """Delay after the `attempt`-th failed attempt (1-based)."""
     return float(min(maximum, initial * 2 ** max(0, attempt - 1)))
+
+
+#: "C-STORE of X failed, status 0xNNNN": the peer answered and refused the object
+_REFUSED_STATUS = re.compile(r"C-STORE of .* failed, status 0x(?P<code>[0-9A-F]{4})")
+
+
+def retry_when_answering(last_error: str | None) -> bool:
+    """Whether a failed delivery is queued again once its destination answers C-ECHO.
+
+    Not when the peer refused the object by status (other than out of resources, 0xA7xx):
+    sending it again would be refused again.
+    """
+    m = _REFUSED_STATUS.search(last_error or "")
+    return m is None or m.group("code").startswith("A7")
+
+
+def requeue_failed(db: Database, dest: Destination) -> list[tuple[str, int]]:
+    """Put the failed deliveries of current results to `dest` back to pending.
+
+    Returns (series label, result id) of each; fresh attempts, due now.
+    """
+    now = utcnow()
+    out: list[tuple[str, int]] = []
+    with db.session() as s:
+        rows = s.execute(
+            select(Delivery, Series)
+            .join(Result, Result.id == Delivery.result_id)
+            .join(Series, Series.id == Result.series_id)
+            .where(
+                Delivery.destination == dest.name,
+                Delivery.state == DeliveryState.FAILED,
+                Result.superseded.is_(False),
+            )
+            .order_by(Delivery.id)
+        ).all()
+        for d, series in rows:
+            if not retry_when_answering(d.last_error):
+                continue
+            set_pending(d, dest, now)
+            out.append((series_label(series.series_instance_uid, series.study.study_instance_uid),
+                        d.result_id))  # fmt: skip
+    return out
+
+
+def failed_destinations(db: Database) -> list[str]:
+    """Destinations with failed deliveries of current (not superseded) results."""
+    with db.session() as s:
+        return sorted(
+            s.scalars(
+                select(Delivery.destination)
+                .join(Result, Result.id == Delivery.result_id)
+                .where(Delivery.state == DeliveryState.FAILED, Result.superseded.is_(False))
+                .distinct()
+            ).all()
+        )
 
 
 def queue_deliveries(
@@ -216,6 +325,8 @@ class Exporter(NodePart):
         )
         self._in_flight: dict[str, Future[None]] = {}
         self._lock = threading.Lock()
+        self._next_recheck = 0.0  # time.monotonic() of the next echo of failed destinations
+        self._rechecked_config = config  # a reloaded config is checked at once
 
     def _peer(self, d: Delivery) -> Peer | None:
         """The destination as configured now; None when it was removed from the config.
@@ -232,9 +343,11 @@ class Exporter(NodePart):
     def dispatch(self) -> int:
         """Claim due deliveries for idle destinations and start sending them."""
         with self._lock:
-            for name in [n for n, f in self._in_flight.items() if f.done()]:
-                del self._in_flight[name]
+            done = [n for n, f in self._in_flight.items() if f.done()]
+            finished = [self._in_flight.pop(n) for n in done]
             busy = set(self._in_flight)
+        for future in finished:
+            self._reap(future)
         free = self.config.export.max_parallel - len(busy)
         if free <= 0:
             return 0
@@ -248,6 +361,16 @@ class Exporter(NodePart):
             with self._lock:
                 self._in_flight[name] = future
         return len(ids)
+
+    def _reap(self, future: Future[None]) -> None:
+        """A send or echo that raised (the database went away mid-way): say so, once."""
+        exc = future.exception()
+        if exc is None:
+            return
+        if is_database_unavailable(exc):
+            self.faults.database.trip("exporter", describe(exc), exc)
+        else:
+            logger.error("export task failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the deliveries in flight (tests, shutdown)."""
@@ -280,6 +403,7 @@ class Exporter(NodePart):
         t0 = time.perf_counter()
         error: str | None = None
         final = False  # no retry whatever the attempt count
+        hint = ""  # why it is not retried, for the log
         if peer is None:
             error = (
                 f"destination {name!r} is no longer in the configuration; not sent "
@@ -291,6 +415,12 @@ class Exporter(NodePart):
                 send_files(peer, files)
             except ExportError as exc:
                 error = str(exc)
+                if exc.permanent:
+                    final = True
+                    hint = (
+                        "; not retried: fix the destination's tls settings (or the peer's "
+                        "certificate), then reload the node (SIGHUP) or `ctmtl-node resend`"
+                    )
             except Exception as exc:  # unreadable file, encoding error, ...
                 error = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - t0
@@ -323,12 +453,13 @@ class Exporter(NodePart):
                 d.state = DeliveryState.FAILED
                 d.last_error = error
                 logger.error(
-                    "%s: delivery of result %s to %s failed for good after %d attempt(s): %s",
+                    "%s: delivery of result %s to %s failed for good after %d attempt(s): %s%s",
                     key,
                     d.result_id,
                     name,
                     attempt,
                     error,
+                    hint,
                 )
             else:
                 delay = backoff_seconds(attempt, cfg.initial_backoff_s, cfg.max_backoff_s)
@@ -356,13 +487,75 @@ class Exporter(NodePart):
                 ).all()
             )
 
+    def recheck_failed(self, force: bool = False) -> int:
+        """C-ECHO destinations with failed deliveries (every `export.recheck_failed_s`).
+
+        Each echo runs on the pool; when the destination answers, its failed deliveries
+        are queued again (`requeue_failed`). After a config reload the echoes run at once
+        (new TLS settings may fix a delivery that failed for a TLS reason). Returns the
+        echoes started.
+        """
+        interval = self.config.export.recheck_failed_s
+        now = time.monotonic()
+        if self.config is not self._rechecked_config:  # reloaded (SIGHUP): TLS fixed?
+            self._rechecked_config = self.config
+            force = True
+        if not force and (interval <= 0 or now < self._next_recheck):
+            return 0
+        self._next_recheck = now + interval
+        started = 0
+        for name in failed_destinations(self.db):
+            try:
+                dest = self.config.destination(name)
+            except KeyError:  # removed from the config: `resend` once it is back
+                continue
+            key = f"echo:{name}"
+            with self._lock:
+                if key in self._in_flight and not self._in_flight[key].done():
+                    continue
+                self._in_flight[key] = self._pool.submit(self._recheck, dest)
+            started += 1
+        return started
+
+    def _recheck(self, dest: Destination) -> None:
+        peer = peer_for(dest, self.config.node.ae_title)
+        down = _tcp_problem(peer)  # usually still down: no association attempt, no log noise
+        if down is not None:
+            logger.debug("%s has failed deliveries and is still unreachable: %s", dest.name, down)
+            return
+        ok, message = echo(peer)
+        if not ok:
+            logger.debug("%s has failed deliveries and does not answer yet: %s", dest.name, message)
+            return
+        queued = requeue_failed(self.db, dest)
+        if not queued:
+            return
+        for key, result_id in queued:
+            logger.info(
+                "%s: delivery of result %s to %s queued again (the destination answers again)",
+                key,
+                result_id,
+                dest.name,
+            )
+        logger.info(
+            "destination %s answers C-ECHO again (%s): %d failed deliveries queued again",
+            dest.name,
+            message,
+            len(queued),
+        )
+
     def run(self, stop: threading.Event) -> None:
         logger.info("exporter started")
+        guard = self.loop_guard("exporter")
         while not stop.is_set():
+            guard.configure(self.config.backoff.initial_s, self.config.backoff.max_s)
             try:
                 self.dispatch()
-            except Exception:
-                logger.exception("export dispatch failed")
+                self.recheck_failed()
+                guard.succeeded()
+            except Exception as exc:  # database unavailable, disk full, ...: back off
+                stop.wait(guard.failed(exc, "export dispatch failed"))
+                continue
             stop.wait(self.config.export.poll_interval_s)
         self.close()
         logger.info("exporter stopped")

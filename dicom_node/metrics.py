@@ -9,8 +9,9 @@ HTTP server:
 - `/metrics`  Prometheus text format
 - `/healthz`  liveness: 200 while the process serves HTTP at all
 - `/readyz`   readiness: 200 when every registered check passes (database reachable,
-  spool writable, model loaded, SCP listening, as the process has them), else 503;
-  the body is JSON naming each check and why it failed.
+  spool writable, model loaded, SCP listening, as the process has them, and no fault
+  met by the loops: database outage, disk full), else 503; the body is JSON naming
+  each check and why it failed.
 
 Queue depth is read from the database at scrape time (`queue_depth_from_db`), so it is
 right whichever process changed the queue.
@@ -27,7 +28,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -55,6 +56,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 CheckResult = tuple[bool, str]
 Check = Callable[[], CheckResult]
 DepthSource = Callable[[], Mapping[tuple[str, str], float]]
+FailedSource = Callable[[], Mapping[str, float]]
 
 
 class _QueueDepthCollector(Collector):
@@ -74,7 +76,33 @@ class _QueueDepthCollector(Collector):
                 for (queue, state), value in sorted(self.source().items()):
                     family.add_metric([queue, state], float(value))
             except Exception as exc:  # a scrape must not fail because the DB is down
-                logger.warning("queue depth unavailable: %s", exc)
+                from dicom_node.backoff import describe, is_database_unavailable
+
+                # an outage is logged once by the node's loops; other errors each scrape
+                level = logging.DEBUG if is_database_unavailable(exc) else logging.WARNING
+                logger.log(level, "queue depth unavailable: %s", describe(exc))
+        yield family
+
+
+class _FailedDeliveriesCollector(Collector):
+    """`ctmtl_deliveries_failed{destination}` from a callback, evaluated per scrape."""
+
+    def __init__(self) -> None:
+        self.source: FailedSource | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "ctmtl_deliveries_failed",
+            "Deliveries of current results that failed for good, by destination (from the "
+            "shared database; queued again by resend or when the destination answers again)",
+            labels=["destination"],
+        )
+        if self.source is not None:
+            try:
+                for destination, value in sorted(self.source().items()):
+                    family.add_metric([destination], float(value))
+            except Exception as exc:  # a scrape must not fail because the DB is down
+                logger.debug("failed deliveries unavailable: %s", exc)
         yield family
 
 
@@ -92,6 +120,11 @@ class NodeMetrics:
             "ctmtl_associations",
             "Associations requested by peers, by outcome (accepted, rejected)",
             "outcome",
+        )
+        self.associations_ended = counter(
+            "ctmtl_associations_ended",
+            "Accepted associations by how they ended (released, aborted, dropped)",
+            "how",
         )
         self.instances = counter(
             "ctmtl_instances_received", "C-STORE requests stored (status 0x0000)"
@@ -134,8 +167,28 @@ class NodeMetrics:
             self.stage_seconds.labels(stage=stage)
         for outcome in ("accepted", "rejected"):
             self.associations.labels(outcome=outcome)
+        for how in ("released", "aborted", "dropped"):
+            self.associations_ended.labels(how=how)
+        self.database_outages = counter(
+            "ctmtl_database_outages",
+            "Times this process found the database unavailable (one per outage)",
+        )
+        self.disk_full = counter(
+            "ctmtl_disk_full",
+            "Times this process could not write results for lack of disk space (one per episode)",
+        )
+        self.fault_active = Gauge(
+            "ctmtl_fault_active",
+            "1 while a fault lasts: database (unavailable), disk_full",
+            ["fault"],
+            registry=r,
+        )
+        for fault in ("database", "disk_full"):
+            self.fault_active.labels(fault=fault).set(0)
         self._depth = _QueueDepthCollector()
         r.register(self._depth)
+        self._failed = _FailedDeliveriesCollector()
+        r.register(self._failed)
         self._checks: dict[str, Check] = {}
         self._model_loaded = False
         self._lock = threading.Lock()
@@ -147,6 +200,10 @@ class NodeMetrics:
 
     def association_rejected(self) -> None:
         self.associations.labels(outcome="rejected").inc()
+
+    def association_ended(self, how: str) -> None:
+        """`how`: released, aborted (A-ABORT by either side) or dropped (no release)."""
+        self.associations_ended.labels(how=how).inc()
 
     def instance_stored(self, nbytes: int) -> None:
         self.instances.inc()
@@ -185,6 +242,19 @@ class NodeMetrics:
     def set_queue_depth_source(self, source: DepthSource | None) -> None:
         self._depth.source = source
 
+    def set_failed_deliveries_source(self, source: FailedSource | None) -> None:
+        self._failed.source = source
+
+    def watch_faults(self, faults: Any) -> None:
+        """Count and show the latches of `faults` (`dicom_node.backoff.NodeFaults`)."""
+        for latch in faults:
+            latch.listen(self._fault_changed)
+
+    def _fault_changed(self, latch: Any, active: bool) -> None:
+        self.fault_active.labels(fault=latch.name).set(1 if active else 0)
+        if active:
+            (self.database_outages if latch.name == "database" else self.disk_full).inc()
+
     # ----------------------------------------------------------------- readiness
 
     def add_check(self, name: str, check: Check) -> None:
@@ -212,12 +282,27 @@ class NodeMetrics:
 
 
 def database_check(db: Any) -> Check:
-    """The database answers `SELECT 1` (db: `dicom_node.db.Database`)."""
+    """The database answers a query on the node's schema (db: `dicom_node.db.Database`).
+
+    Why not `SELECT 1` alone: SQLite answers that without reading its file, so a broken
+    file would look ready. Reading `alembic_version` needs a working connection (server
+    databases) and a readable schema (both). The detail is one line, password masked.
+    """
     from sqlalchemy import text
 
+    from dicom_node.redact import mask_secrets
+
     def check() -> CheckResult:
-        with db.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        try:
+            with db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+                revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except Exception as exc:
+            orig = getattr(exc, "orig", None)
+            detail = " ".join(str(orig if orig is not None else exc).split())
+            return False, mask_secrets(f"{db.dialect}: {type(exc).__name__}: {detail}")
+        if revision is None:
+            return False, f"{db.dialect}: the schema has no revision (run ctmtl-node db upgrade)"
         return True, db.dialect
 
     return check
@@ -245,6 +330,32 @@ def model_check(metrics: NodeMetrics) -> Check:
         return loaded, "loaded" if loaded else "model not loaded"
 
     return check
+
+
+def failed_deliveries_from_db(
+    db: Any, destinations: Callable[[], Iterable[str]] | None = None
+) -> FailedSource:
+    """Failed deliveries of results not superseded, per destination, in one query.
+
+    `destinations` (the configured names) are reported with 0 when none failed.
+    """
+    from sqlalchemy import func, select
+
+    from dicom_node.db import Delivery, DeliveryState, Result
+
+    def source() -> dict[str, float]:
+        out = {name: 0.0 for name in (destinations() if destinations else ())}
+        with db.session() as s:
+            rows = s.execute(
+                select(Delivery.destination, func.count())
+                .join(Result, Result.id == Delivery.result_id)
+                .where(Delivery.state == DeliveryState.FAILED, Result.superseded.is_(False))
+                .group_by(Delivery.destination)
+            ).all()
+        out.update({str(name): float(n) for name, n in rows})
+        return out
+
+    return source
 
 
 def queue_depth_from_db(db: Any) -> DepthSource:

@@ -16,11 +16,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydicom.uid import RLELossless, generate_uid
 
+from dicom_node.headers import apply_character_set, result_character_set
 from dicom_node.results import (
     AlgorithmInfo,
     ResultOptions,
     contributing_equipment,
     quiet_source_warnings,
+    result_texts,
     write_atomically,
 )
 from dicom_node.volume import CTVolume
@@ -83,6 +85,7 @@ def build_secondary_capture(
         slices = [int(k) for k in np.flatnonzero(lesion.any(axis=(1, 2)))]
     row, col = volume.orientation[:3], volume.orientation[3:]
     orientation = (_letter(row), _letter(col))
+    charset = result_character_set(volume.datasets[0], result_texts(options, algorithm))
     images = []
     for number, k in enumerate(slices, start=1):
         ref = volume.datasets[k] if not volume.is_multiframe else volume.datasets[0]
@@ -104,7 +107,10 @@ def build_secondary_capture(
                 transfer_syntax_uid=RLELossless,
                 contributing_equipment=contributing_equipment(options, algorithm),
                 series_description=options.series_description("sc"),
+                # set below (dicom_node.headers): highdicom refuses some valid values
+                specific_character_set=None,
             )
+        apply_character_set(sc, charset)
         sc.BurnedInAnnotation = "YES"
         # the chest is not a paired body part, so General Series Laterality stays absent
         sc.BodyPartExamined = str(ref.get("BodyPartExamined", "") or "CHEST")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.headers import with_result_headers
 from dicom_node.overlay import build_secondary_capture, write_secondary_capture
 from dicom_node.results import AlgorithmInfo, ResultOptions, ResultUIDs
 from dicom_node.seg import build_seg, write_seg
@@ -104,7 +105,12 @@ def write_results(
     instance_number: int = 1,
     timings: dict[str, float] | None = None,
 ) -> SeriesResult:
-    """Build and write SEG, SR (and SC when configured) for given masks; the seam after AI."""
+    """Build and write SEG, SR (and SC when configured) for given masks; the seam after AI.
+
+    The results are built from :func:`dicom_node.headers.with_result_headers` of the source
+    headers (a no-op when :func:`process_series` already repaired them).
+    """
+    volume = with_result_headers(volume)
     out = Path(out_dir)
     uids = uids or ResultUIDs()
     timings = dict(timings or {})
@@ -267,18 +273,29 @@ def process_series(
     uids: ResultUIDs | None = None,
     instance_number: int = 1,
     decode_workers: int | Executor = 0,
+    after_stage: Callable[[str], None] | None = None,
 ) -> SeriesResult:
     """Run the whole pipeline on one series' files; ``SeriesRejected`` if it cannot be used.
 
     ``predictor`` is an ``mtl_model.Predictor`` whose model has segmentation and
     classification heads. ``decode_workers`` (processes, or an executor to reuse)
-    decodes compressed slices in parallel.
+    decodes compressed slices in parallel. ``after_stage`` is called with ``"load"``
+    once the volume is loaded and with ``"inference"`` once the network ran (before any
+    result is written); an exception it raises stops the pipeline there (the worker
+    checks its job lease this way).
     """
     options = options or ResultOptions()
     t0 = time.perf_counter()
     volume = load_series(files, workers=decode_workers)
+    # before the network runs: what highdicom needs of the source headers (Type 2
+    # attributes present, malformed demographics emptied), so no inference is wasted
+    volume = with_result_headers(volume)
     load_s = time.perf_counter() - t0
+    if after_stage is not None:
+        after_stage("load")
     analysis = analyse_volume(volume.hu, volume.spacing, predictor, options)
+    if after_stage is not None:
+        after_stage("inference")
     result = write_results(
         volume,
         analysis.lesion,

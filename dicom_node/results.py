@@ -3,8 +3,9 @@
 Conventions (../shared/DESIGN.md, "DICOM conventions for results"):
 
 * results stay in the source Patient and Study (highdicom copies Patient and Study
-  attributes, Accession Number and Specific Character Set from the source headers) and
-  each object kind gets its own new series;
+  attributes and Accession Number from the source headers, which ``dicom_node.headers``
+  repairs first; the Specific Character Set is the source's, see
+  ``dicom_node.headers.result_character_set``) and each object kind gets its own new series;
 * Series Numbers are deterministic: ``offset + source Series Number`` (source number 0 when
   absent), so results of series 3 are 10003 (SEG), 20003 (SR), 30003 (overlay SC);
 * Series Descriptions are ``"<description> - <series_disclaimer>"``, always carrying the
@@ -161,6 +162,21 @@ def software_versions(algorithm: AlgorithmInfo) -> list[str]:
         f"ctmtl {algorithm.software_version}"[:LO_MAX],
         f"model {algorithm.model_version}"[:LO_MAX],
     ]
+
+
+def result_texts(options: ResultOptions, algorithm: AlgorithmInfo) -> list[str]:
+    """The texts results add to the source's values: their character set must hold them."""
+    texts = [
+        options.manufacturer,
+        options.model_name,
+        options.institution_name or "",
+        options.series_disclaimer,
+        options.disclaimer,
+        algorithm.name,
+        *software_versions(algorithm),
+    ]
+    texts += [options.series_description(kind) for kind in ("seg", "sr", "sc")]
+    return texts
 
 
 def contributing_equipment(

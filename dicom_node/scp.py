@@ -14,19 +14,26 @@ Association policy: the called AE title must be the node's (configurable) and th
 AE title (optionally with its host) must be in `allowed_callers` when that list is set;
 anything else is rejected during association negotiation. With `[node.tls]` the node also
 (or only) listens with DICOM TLS (`dicom_node.tls`); a caller marked `require_tls` is
-refused on the plain port. `stop()` stops accepting and then waits for the running
+refused on the plain port, and one whose entry names a certificate identity
+(`tls_subject`, `tls_san`, `tls_fingerprint_sha256`) is refused with any other
+certificate. A failed TLS handshake is one log line with the peer's address, counted as a
+rejected association (`_AssociationServer`). `stop()` stops accepting and then waits for the running
 associations to end (`node.stop_timeout_s`), so a SIGTERM never cuts a transfer short.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     HTJ2K,
@@ -49,6 +56,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -58,8 +66,12 @@ from dicom_node.config import NodeConfig, StartupError
 from dicom_node.db import (
     Database,
     IngestOutcome,
+    InstanceConflict,
     InstanceRecord,
+    find_instance,
+    mark_association_end,
     record_instance,
+    record_refusal,
     series_label,
 )
 from dicom_node.metrics import NodeMetrics
@@ -70,6 +82,8 @@ from dicom_node.selection import (
     LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
 )
 from dicom_node.spool import InvalidUID, Spool, SpoolFull, validate_uid
+from dicom_node.uids import uid_problem
+from dicom_node.volume import pixel_size_problem
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +146,34 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+@dataclass
+class _AssociationTally:
+    """What one accepted association did, for the line logged when it ends."""
+
+    calling: str
+    address: str
+    series_ids: set[int] = field(default_factory=set)
+    stored: int = 0
+    refused: int = 0
+    end: str | None = None  # set from the ACSE primitive that ended it
+
+
+def _printable(text: object, limit: int = 160) -> str:
+    """One log-safe line: garbage bytes from a peer are escaped and cut, never echoed."""
+    out = "".join(c if c.isprintable() and ord(c) < 0x7F else "?" for c in str(text))
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _image_identity(ds: Dataset) -> tuple[object, ...]:
+    """What tells two images of one series apart (a re-sent correction keeps it)."""
+    ipp = ds.get("ImagePositionPatient")
+    try:
+        pos = tuple(round(float(v), 2) for v in ipp) if ipp is not None else None
+    except (TypeError, ValueError):
+        pos = None
+    return (str(ds.get("InstanceNumber", "") or ""), pos)
+
+
 def _truncation_problem(ds: Dataset) -> str | None:
     """A top-level element whose value is shorter than its length field (a cut stream).
 
@@ -185,6 +227,8 @@ class StorageSCP(NodePart):
         self._tls_server: ThreadedAssociationServer | None = None
         self.tls_context: Any = None  # ssl.SSLContext of the TLS listener (SIGHUP reload)
         self._ae: AE | None = None
+        self._tallies: dict[int, _AssociationTally] = {}
+        self._tally_lock = threading.Lock()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -213,21 +257,27 @@ class StorageSCP(NodePart):
 
     def start(self) -> None:
         node = self.config.node
+        # The handler checks every UID itself and logs one line per problem (why: pydicom
+        # and pynetdicom would add up to 8 identical warnings per instance with a bad UID).
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        logging.getLogger("pynetdicom.utils").setLevel(logging.ERROR)
         ae = self.build_ae()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store_counted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_REJECTED, self._on_limit_rejected),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._ae = ae
         tls_cfg = node.tls
         if tls_cfg.enabled:
             self.tls_context = dicom_tls.server_context(tls_cfg)
         main_ctx = self.tls_context if tls_cfg.enabled and tls_cfg.port is None else None
-        self._server = _listen(ae, handlers, "node.port", node.bind, node.port, main_ctx)
+        self._server = _listen(ae, handlers, "node.port", node.bind, node.port, main_ctx, self)
         logger.info(
             "storage SCP %s listening on %s:%d%s",
             node.ae_title,
@@ -238,7 +288,7 @@ class StorageSCP(NodePart):
         if tls_cfg.enabled and tls_cfg.port is not None:
             try:
                 self._tls_server = _listen(
-                    ae, handlers, "node.tls.port", node.bind, tls_cfg.port, self.tls_context
+                    ae, handlers, "node.tls.port", node.bind, tls_cfg.port, self.tls_context, self
                 )
             except StartupError:
                 self.stop(wait_s=0)
@@ -315,17 +365,87 @@ class StorageSCP(NodePart):
             diagnostic, why = 0x03, f"calling AE title {calling!r} from {host} is not allowed"
         elif not _over_tls(assoc) and self.config.caller_requires_tls(calling, host):
             diagnostic, why = 0x03, f"calling AE title {calling!r} must use the TLS port"
+        elif (wrong_cert := self._certificate_refusal(assoc, calling, host)) is not None:
+            diagnostic, why = 0x03, wrong_cert
+        elif (limit := node.max_associations_per_caller) is not None and (
+            held := self._held_by(calling, host, assoc)
+        ) >= limit:
+            why = (
+                f"calling AE title {calling!r} from {host} already holds {held} association(s) "
+                f"(node.max_associations_per_caller = {node.max_associations_per_caller})"
+            )
+            self._reject(assoc, why, (0x02, 0x03, 0x02))  # transient: local limit exceeded
+            return
         if diagnostic is not None:
-            self.stats.add(rejected_associations=1)
-            self.metrics.association_rejected()
-            logger.warning("association rejected: %s", why)
-            assoc.acse.send_reject(0x01, 0x01, diagnostic)
-            assoc.kill()
+            self._reject(assoc, why, (0x01, 0x01, diagnostic))
+
+    def _certificate_refusal(self, assoc: Any, calling: str, host: str) -> str | None:
+        """Why the caller's TLS certificate is not the one `allowed_callers` ties to its AE
+        title (`tls_subject`, `tls_san`, `tls_fingerprint_sha256`); None when it is.
+
+        Callers without TLS never get here with an identity (it implies `require_tls`).
+        """
+        if not _over_tls(assoc):
+            return None
+        cert = dicom_tls.peer_certificate(_socket_of(assoc))
+        problem = self.config.caller_identity_problem(calling, host, cert)
+        if problem is None:
+            return None
+        presented = "no client certificate" if cert is None else f"certificate {cert.subject!r}"
+        return (
+            f"calling AE title {calling!r} from {host}:{assoc.requestor.port} presented "
+            f"{presented}, not the one allowed_callers names for it: {problem}"
+        )
+
+    def _reject(self, assoc: Any, why: str, rsd: tuple[int, int, int]) -> None:
+        self.stats.add(rejected_associations=1)
+        self.metrics.association_rejected()
+        logger.warning("association rejected: %s", why)
+        assoc.acse.send_reject(*rsd)
+        assoc.kill()
+
+    def _on_tls_refused(self, peer: str, why: str) -> None:
+        """A caller whose TLS handshake failed: no association, one line, counted."""
+        logger.warning("TLS connection from %s refused: %s", peer, why)
+        self.stats.add(rejected_associations=1)
+        self.metrics.association_rejected()
+
+    def _held_by(self, calling: str, host: str, this: Any) -> int:
+        ae = self._ae
+        if ae is None:
+            return 0
+        return sum(
+            1
+            for a in ae.active_associations
+            if a is not this
+            and a.is_acceptor
+            and a.is_established
+            and str(a.requestor.ae_title).strip() == calling
+            and a.requestor.address == host
+        )
+
+    def _on_limit_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own rejection when `node.max_associations` are open (why: log it)."""
+        rq = event.assoc.requestor
+        self.stats.add(rejected_associations=1)
+        self.metrics.association_rejected()
+        logger.warning(
+            "association rejected: calling AE title %r from %s: %d association(s) open "
+            "(node.max_associations = %d)",
+            str(rq.ae_title).strip(),
+            rq.address,
+            self.config.node.max_associations,
+            self.config.node.max_associations,
+        )
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.stats.add(associations=1)
         self.metrics.association_accepted()
         rq = event.assoc.requestor
+        with self._tally_lock:
+            self._tallies[id(event.assoc)] = _AssociationTally(
+                str(rq.ae_title).strip(), f"{rq.address}:{rq.port}"
+            )
         logger.info(
             "association from %s (%s:%s) accepted, %s",
             rq.ae_title,
@@ -334,20 +454,92 @@ class StorageSCP(NodePart):
             dicom_tls.peer_description(_socket_of(event.assoc)),
         )
 
-    def _on_closed(self, event: evt.Event) -> None:
-        logger.debug("association with %s closed", event.assoc.requestor.ae_title)
+    def _tally(self, assoc: Any) -> _AssociationTally | None:
+        with self._tally_lock:
+            return self._tallies.get(id(assoc))
+
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        tally = self._tally(event.assoc)
+        primitive = getattr(event, "primitive", None)
+        if tally is None or tally.end is not None:
+            return
+        if isinstance(primitive, A_ABORT):
+            tally.end = "aborted by the peer (A-ABORT)"
+        elif isinstance(primitive, A_P_ABORT):
+            tally.end = "dropped (connection closed without release)"
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._ended(event.assoc, "released", "released")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        tally = self._tally(event.assoc)
+        how = tally.end if tally is not None else None
+        if how is None:
+            how = "aborted by the node (network timeout or shutdown)"
+        self._ended(event.assoc, how, "dropped" if how.startswith("dropped") else "aborted")
+
+    def _ended(self, assoc: Any, how: str, kind: str) -> None:
+        """One line per association end with its counts; series fed by a broken association
+        are marked so that completion waits longer for them (a cut-off transfer)."""
+        with self._tally_lock:
+            tally = self._tallies.pop(id(assoc), None)
+        if tally is None:
+            return
+        self.metrics.association_ended(kind)
+        log = logger.info if kind == "released" else logger.warning
+        log(
+            "association from %s (%s) %s: %d instance(s) stored, %d refused, %d series",
+            tally.calling,
+            tally.address,
+            how,
+            tally.stored,
+            tally.refused,
+            len(tally.series_ids),
+        )
+        try:
+            mark_association_end(
+                self.db, sorted(tally.series_ids), None if kind == "released" else how
+            )
+        except SQLAlchemyError as exc:
+            logger.error("cannot record how the association ended: %s", _printable(exc))
 
     def _on_echo(self, event: evt.Event) -> int:
         logger.info("C-ECHO from %s", event.assoc.requestor.ae_title)
         return STATUS_SUCCESS
 
     def _on_store_counted(self, event: evt.Event) -> Dataset | int:
-        """`_on_store` plus the refused-instance metric by status."""
+        """`_on_store` plus the refused-instance metric by status and the association tally."""
         status = self._on_store(event)
         code = status if isinstance(status, int) else int(status.Status)
+        tally = self._tally(event.assoc)
         if code != STATUS_SUCCESS:
             self.metrics.instance_refused(code)
+            if tally is not None:
+                tally.refused += 1
+        elif tally is not None:
+            tally.stored += 1
         return status
+
+    def _refuse(
+        self,
+        code: int,
+        calling: str,
+        why: str,
+        series: tuple[str, str, str | None] | None = None,
+        detail: str = "",
+    ) -> Dataset:
+        """Answer `code`, log one line, and count the refusal against its series (when its
+        Study and Series UIDs are usable) so that `status` and completion can say why."""
+        self.stats.add(failures=1)
+        level = logging.ERROR if code == STATUS_OUT_OF_RESOURCES else logging.WARNING
+        logger.log(level, "C-STORE from %s refused (0x%04X): %s%s", calling, code, why, detail)
+        if series is not None and code != STATUS_OUT_OF_RESOURCES:
+            study_uid, series_uid, modality = series
+            try:
+                record_refusal(self.db, study_uid, series_uid, modality, why)
+            except SQLAlchemyError as exc:
+                logger.error("cannot record the refusal: %s", _printable(exc))
+        return _status(code, why)
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         t0 = time.perf_counter()
@@ -365,31 +557,40 @@ class StorageSCP(NodePart):
             modality = str(ds.get("Modality", "") or "") or None
             problem = problem or _pixel_data_problem(ds, ts)
         except Exception as exc:  # pydicom raises many kinds on corrupt input
-            self.stats.add(failures=1)
-            logger.warning(
-                "C-STORE from %s: cannot parse data set (%s: %s)",
-                calling,
-                type(exc).__name__,
-                exc,
-            )
-            return _status(STATUS_CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
+            why = f"cannot parse data set ({type(exc).__name__}: {_printable(exc, 120)})"
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, calling, why)
+        try:
+            study = validate_uid(study_uid, "Study Instance UID")
+            series = validate_uid(series_uid, "Series Instance UID")
+        except InvalidUID as exc:
+            code = STATUS_CANNOT_UNDERSTAND if problem else STATUS_DATASET_MISMATCH
+            return self._refuse(code, calling, problem or _printable(exc))
+        where = (study, series, modality)
+        label = f" ({series_label(series, study)})"
         if problem:
-            self.stats.add(failures=1)
-            logger.warning("C-STORE from %s: %s", calling, problem)
-            return _status(STATUS_CANNOT_UNDERSTAND, problem)
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, calling, problem, where, label)
         try:
             sop_instance = validate_uid(sop_instance, "SOP Instance UID")
             sop_class = validate_uid(sop_class, "SOP Class UID")
-            study = validate_uid(study_uid, "Study Instance UID")
-            series = validate_uid(series_uid, "Series Instance UID")
-            if sop_instance != str(request.AffectedSOPInstanceUID).strip():
-                raise InvalidUID("SOP Instance UID differs from the C-STORE request")
-            if sop_class != str(request.AffectedSOPClassUID).strip():
-                raise InvalidUID("SOP Class UID differs from the C-STORE request")
         except InvalidUID as exc:
-            self.stats.add(failures=1)
-            logger.warning("C-STORE from %s refused: %s", calling, exc)
-            return _status(STATUS_DATASET_MISMATCH, str(exc))
+            return self._refuse(STATUS_DATASET_MISMATCH, calling, exc.general, where, label)
+        if sop_instance != str(request.AffectedSOPInstanceUID).strip():
+            why = "SOP Instance UID differs from the C-STORE request"
+            return self._refuse(STATUS_DATASET_MISMATCH, calling, why, where, label)
+        if sop_class != str(request.AffectedSOPClassUID).strip():
+            why = "SOP Class UID differs from the C-STORE request"
+            return self._refuse(STATUS_DATASET_MISMATCH, calling, why, where, label)
+        if sop_class in PRIMARY_SOP_CLASSES:
+            for_problem = uid_problem(ds.get("FrameOfReferenceUID"))
+            if for_problem is not None:
+                why = (
+                    f"Frame of Reference UID is {for_problem}: results could not be placed "
+                    "on this image"
+                )
+                return self._refuse(STATUS_DATASET_MISMATCH, calling, why, where, label)
+        size_problem = pixel_size_problem(ds, int(self.config.node.max_pixel_data_mb * 2**20))
+        if size_problem is not None:
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, calling, size_problem, where, label)
 
         meta = event.file_meta
         meta.SourceApplicationEntityTitle = calling
@@ -397,15 +598,20 @@ class StorageSCP(NodePart):
             (b"\x00" * 128, b"DICM", encode_file_meta(meta), event.encoded_dataset(False))
         )
         try:
+            conflict = self._conflict(ds, series, sop_instance, data)
+        except SQLAlchemyError as exc:
+            logger.error("C-STORE from %s: database error: %s", calling, _printable(exc))
+            return self._refuse(STATUS_OUT_OF_RESOURCES, calling, "database unavailable")
+        if conflict is not None:
+            detail = f" (SOP Instance UID {sop_instance}, {series_label(series, study)})"
+            return self._refuse(STATUS_DATASET_MISMATCH, calling, conflict, where, detail)
+        try:
             stored = self.spool.write_instance(study, series, sop_instance, data)
         except SpoolFull as exc:
-            self.stats.add(failures=1)
-            logger.error("C-STORE from %s: %s", calling, exc)
-            return _status(STATUS_OUT_OF_RESOURCES, "spool full")
+            return self._refuse(STATUS_OUT_OF_RESOURCES, calling, "spool full", detail=f": {exc}")
         except OSError as exc:
-            self.stats.add(failures=1)
-            logger.error("C-STORE from %s: cannot write to the spool: %s", calling, exc)
-            return _status(STATUS_OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}")
+            why = f"cannot write: {exc.strerror or exc}"
+            return self._refuse(STATUS_OUT_OF_RESOURCES, calling, why)
 
         record = InstanceRecord(
             study_uid=study,
@@ -420,16 +626,24 @@ class StorageSCP(NodePart):
             calling_ae=calling,
             calling_host=assoc.requestor.address,
             called_ae=str(assoc.acceptor.ae_title).strip(),
+            open_for_s=self.config.node.network_timeout_s,
         )
         try:
             outcome = record_instance(self.db, record)
-        except SQLAlchemyError as exc:
-            self.stats.add(failures=1)
-            logger.error("C-STORE from %s: database error: %s", calling, exc)
+        except InstanceConflict as exc:  # another association stored the UID meanwhile
             if not stored.replaced:
                 self.spool.remove(stored.path)
-            return _status(STATUS_OUT_OF_RESOURCES, "database unavailable")
+            detail = f" (SOP Instance UID {sop_instance}, {series_label(series, study)})"
+            return self._refuse(STATUS_DATASET_MISMATCH, calling, str(exc), where, detail)
+        except SQLAlchemyError as exc:
+            logger.error("C-STORE from %s: database error: %s", calling, _printable(exc))
+            if not stored.replaced:
+                self.spool.remove(stored.path)
+            return self._refuse(STATUS_OUT_OF_RESOURCES, calling, "database unavailable")
 
+        tally = self._tally(assoc)
+        if tally is not None:
+            tally.series_ids.add(outcome.series_id)
         self.stats.add(instances=1, bytes=stored.size, duplicates=int(not outcome.content_changed))
         self.metrics.instance_stored(stored.size)
         if outcome.new_series:
@@ -442,6 +656,12 @@ class StorageSCP(NodePart):
             )
         elif outcome.series_reopened:
             logger.info("%s: new instance after completion, reopened", series_label(series, study))
+        elif stored.replaced and outcome.content_changed:
+            logger.info(
+                "%s: instance %s replaced by a changed copy of the same image",
+                series_label(series, study),
+                sop_instance,
+            )
         logger.debug(
             "stored %s (series %s, %d bytes, %s) in %.1f ms",
             sop_instance,
@@ -457,19 +677,141 @@ class StorageSCP(NodePart):
                 logger.exception("on_stored listener failed")
         return STATUS_SUCCESS
 
+    def _conflict(self, ds: Dataset, series: str, sop_instance: str, data: bytes) -> str | None:
+        """Why this SOP Instance UID cannot be stored, decided before the spool is touched.
+
+        The UID already names an instance of another series, or another image (another
+        Instance Number or position) of this series: both are refused, so an earlier series
+        is never repointed and no slice silently replaces another. A changed copy of the
+        same image (a corrected re-send) replaces the old one.
+        """
+        known = find_instance(self.db, sop_instance)
+        if known is None:
+            return None
+        if known.series_uid != series:
+            return f"SOP Instance UID already belongs to series {known.series_uid}"
+        if known.sha256 == hashlib.sha256(data).hexdigest():
+            return None
+        try:
+            old = pydicom.dcmread(
+                known.path,
+                stop_before_pixels=True,
+                specific_tags=["InstanceNumber", "ImagePositionPatient"],
+            )
+        except Exception:  # the old copy is unreadable: the new one replaces it
+            return None
+        if _image_identity(old) != _image_identity(ds):
+            number = str(old.get("InstanceNumber", "") or "?")
+            return (
+                f"SOP Instance UID already names another image of this series (instance {number})"
+            )
+        return None
+
+
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake done and judged first.
+
+    pynetdicom wraps the accepted socket and lets the handshake happen on the first read
+    of the association, where a failure became a traceback without the peer's address
+    and no rejection was counted. Here the connection's own thread (never the accept
+    loop) checks that a TLS ClientHello comes, completes the handshake within
+    `node.acse_timeout_s` and, when it fails, logs one line with the peer's address and
+    the reason and counts it (`StorageSCP._on_tls_refused`); only then does pynetdicom
+    see the connection. A connection closed before sending anything (a TCP probe) is
+    not an association attempt: debug log only.
+    """
+
+    daemon_threads = True  # a stalled handshake never holds up the process's exit
+
+    def __init__(self, *args: Any, scp: StorageSCP, **kwargs: Any) -> None:
+        self._scp = scp
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        return self.socket.accept()  # wrapped in the connection's thread
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        if self.ssl_context is not None and isinstance(request, socket.socket):
+            threading.current_thread().name = f"tls-handshake@{_peer_text(client_address)}"
+            tls = self._handshake(request, client_address)
+            if tls is None:
+                return
+            request = tls
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, raw: socket.socket, address: Any) -> ssl.SSLSocket | None:
+        peer = _peer_text(address)
+        timeout = self._scp.config.node.acse_timeout_s
+        conn: socket.socket = raw
+        try:
+            raw.settimeout(timeout)
+            first = raw.recv(1, socket.MSG_PEEK)
+            if not first:
+                logger.debug("connection from %s closed before any TLS handshake", peer)
+                self.shutdown_request(raw)
+                return None
+            if first != b"\x16":  # TLS record type "handshake"
+                what = ": a plain DICOM association?" if first == b"\x01" else ""
+                self._refuse(raw, peer, f"not a TLS handshake (first byte 0x{first[0]:02X}{what})")
+                return None
+            assert self.ssl_context is not None
+            conn = self.ssl_context.wrap_socket(raw, server_side=True)
+            assert isinstance(conn, ssl.SSLSocket)
+            conn.do_handshake()
+            conn.settimeout(None)  # as pynetdicom's own accepted sockets: blocking
+            return conn
+        except OSError as exc:  # ssl.SSLError, TimeoutError, ConnectionResetError
+            self._refuse(conn, peer, dicom_tls.inbound_failure(exc, timeout))
+            return None
+
+    def _refuse(self, conn: socket.socket, peer: str, why: str) -> None:
+        try:
+            self._scp._on_tls_refused(peer, why)
+        finally:
+            self.shutdown_request(conn)
+
+
+def _peer_text(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = str(address[0]), address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
+
 
 def _listen(
-    ae: AE, handlers: list[Any], key: str, bind: str, port: int, ssl_context: Any
+    ae: AE,
+    handlers: list[Any],
+    key: str,
+    bind: str,
+    port: int,
+    ssl_context: Any,
+    scp: StorageSCP,
 ) -> ThreadedAssociationServer:
-    """Start one listener of the SCP; a port in use is a `StartupError` naming `key`."""
+    """Start one listener of the SCP; a port in use is a `StartupError` naming `key`.
+
+    As `AE.start_server(block=False)`, with `_AssociationServer` (TLS handshakes judged
+    before pynetdicom sees the connection).
+    """
     try:
-        server = ae.start_server(
-            (bind, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        server = ae.make_server(
+            (bind, port),
+            ssl_context=ssl_context,
+            evt_handlers=handlers,
+            server_class=_AssociationServer,
+            scp=scp,
         )
     except OSError as exc:
         what = "the storage SCP" + (" with TLS" if ssl_context is not None else "")
         raise StartupError.port_in_use(key, bind, port, what, exc) from exc
-    assert server is not None  # block=False returns the server
+    name = f"AcceptorServer@{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as start_server does: AE.shutdown() and server.shutdown()
     return server
 
 

@@ -24,12 +24,14 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from dicom_node.headers import apply_character_set, result_character_set
 from dicom_node.results import (
     AlgorithmInfo,
     ResultOptions,
     algorithm_identification,
     contributing_equipment,
     quiet_source_warnings,
+    result_texts,
     software_versions,
     write_atomically,
 )
@@ -120,6 +122,7 @@ def build_seg(
             sop_instance_uid,
             instance_number,
         )
+    apply_character_set(seg, result_character_set(source, result_texts(options, algorithm)))
     logger.debug(
         "SEG %s: %d frames, %d segment(s), lesion voxels %d",
         sop_instance_uid,
@@ -160,6 +163,8 @@ def _segmentation(
         institution_name=options.institution_name,
         omit_empty_frames=options.empty_frames == "omit",
         contributing_equipment=contributing_equipment(options, algorithm),
+        # set afterwards (dicom_node.headers): highdicom refuses some valid values
+        specific_character_set=None,
     )
 
 

@@ -19,11 +19,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from dicom_node.completion import CompletionMonitor
-from dicom_node.config import NodeConfig
+from dicom_node.config import NodeConfig, StartupError
 from dicom_node.db import Database
 from dicom_node.export import Exporter
 from dicom_node.metrics import MetricsServer, NodeMetrics
+from dicom_node.redact import mask_secrets
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.worker import PredictorFactory, Worker
@@ -45,7 +48,8 @@ class NodeService:
     ) -> None:
         self.config = config
         self.config_path = config_path  # re-read on SIGHUP
-        self.db = Database(config.database_url, echo=config.database.echo)
+        self.db = _open_database(config)
+        self._default_model = predictor_factory is None  # checked and loaded by start()
         self.spool = Spool(config.spool.path, config.spool.min_free_mb)
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
@@ -64,18 +68,56 @@ class NodeService:
         self.exporter = Exporter(config, self.db, metrics=m) if run_export else None
         self._threads: list[threading.Thread] = []
         self._stopped = False
+        self._started = False
 
     def start(self) -> None:
-        self.spool.ensure()
-        self.db.upgrade()
+        """Check what this process needs, then start its parts; `StartupError` if it can't.
+
+        Nothing runs before the checks pass (`dicom_node.preflight`): TLS files, the model
+        checkpoint (and, for a worker, the model itself, loaded here), the database
+        (integrity, connection, schema) and the spool. Only then the threads start and the
+        SCP listens, so a node that cannot process never accepts an instance.
+        """
+        from dicom_node.preflight import describe_db_error, raise_for, startup_problems
+
+        cfg = self.config
+        raise_for(
+            startup_problems(
+                cfg,
+                inbound_tls=self.scp is not None,
+                outbound_tls=self.exporter is not None,
+                model=self.worker is not None and self._default_model,
+            )
+        )
+        try:
+            self.spool.ensure()
+        except OSError as exc:
+            raise StartupError(
+                f"spool.path: cannot create the spool folders in {self.spool.root}: "
+                f"{exc.strerror or exc}",
+                exit_code=2,
+            ) from exc
+        try:
+            self.db.upgrade()
+            revision = self.db.current_revision()
+        except SQLAlchemyError as exc:
+            line, transient = describe_db_error(exc)
+            raise StartupError(
+                f"database.url: cannot bring the schema of {mask_secrets(cfg.database_url)} "
+                f"up to date: {line}",
+                exit_code=1 if transient else 2,
+            ) from exc
         logger.info(
             "database %s at revision %s; spool %s",
-            _safe_url(self.config.database_url),
-            self.db.current_revision(),
+            mask_secrets(cfg.database_url),
+            revision,
             self.spool.root,
         )
+        if self.worker is not None and self._default_model:
+            self._load_model()
         from dicom_node.admin import attach_observability
 
+        self._started = True  # from here on stop() has parts to stop
         self.metrics_server = attach_observability(self)
         parts: list[tuple[str, Callable[[threading.Event], None]]] = []
         if self.completion is not None:
@@ -101,6 +143,9 @@ class NodeService:
         if self._stopped:
             return
         self._stopped = True
+        if not self._started:  # refused by the start-up checks: nothing runs
+            self.db.dispose()
+            return
         logger.info("node stopping")
         if self.scp is not None:
             self.scp.stop()
@@ -154,12 +199,39 @@ class NodeService:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _load_model(self) -> None:
+        """Load the worker's model now, in this thread: a model that does not load stops
+        the start instead of failing every job."""
+        from dicom_node.preflight import checkpoint_path, one_line
+        from mtl_model.checkpoint import CheckpointError
+        from mtl_model.openvino_engine import EngineError
 
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
+        assert self.worker is not None
+        try:
+            _ = self.worker.predictor
+        except CheckpointError as exc:
+            raise StartupError(f"model.checkpoint: {one_line(str(exc))}", exit_code=2) from exc
+        except EngineError as exc:  # e.g. engine "openvino" without the package
+            raise StartupError(f"model.engine: {one_line(str(exc))}", exit_code=2) from exc
+        except Exception as exc:
+            path = checkpoint_path(self.config)
+            raise StartupError(
+                f"model: cannot load checkpoint {path} on device {self.config.model.device}: "
+                f"{type(exc).__name__}: {one_line(str(exc))}",
+                exit_code=2,
+            ) from exc
+
+
+def _open_database(config: NodeConfig) -> Database:
+    """The `Database` of the config; a bad URL or a missing driver is a `StartupError`."""
+    from dicom_node.preflight import database_url_problems, raise_for
+
+    raise_for(database_url_problems(config.database_url))
     try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
+        return Database(config.database_url, echo=config.database.echo)
+    except OSError as exc:  # the SQLite file's folder cannot be made
+        raise StartupError(
+            f"database.url: cannot create the folder of {mask_secrets(config.database_url)}: "
+            f"{exc.strerror or exc}",
+            exit_code=2,
+        ) from exc

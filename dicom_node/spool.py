@@ -12,19 +12,25 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from dicom_node.uids import clean_uid, uid_problem
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+logger = logging.getLogger(__name__)
 
 
 class InvalidUID(ValueError):
-    """A UID that is missing, too long or has characters other than digits and dots."""
+    """A UID that is missing, too long or has characters other than digits and dots.
+
+    `general` says the same without the offending value (it aggregates per series).
+    """
+
+    def __init__(self, message: str, general: str | None = None) -> None:
+        super().__init__(message)
+        self.general = general or message
 
 
 class SpoolFull(OSError):
@@ -33,16 +39,11 @@ class SpoolFull(OSError):
 
 def validate_uid(value: object, name: str = "UID") -> str:
     """Return the UID as a clean string or raise `InvalidUID` (why: it becomes a path part)."""
-    if value is None:
-        raise InvalidUID(f"{name} is missing")
-    uid = str(value).strip().rstrip("\x00").strip()
-    if not uid:
-        raise InvalidUID(f"{name} is empty")
-    if len(uid) > 64:
-        raise InvalidUID(f"{name} is longer than 64 characters")
-    if not _UID_RE.match(uid):
-        raise InvalidUID(f"{name} {uid[:70]!r} is not a valid UID")
-    return uid
+    problem = uid_problem(value)
+    if problem is not None:
+        shown = "" if value is None or problem == "empty" else f" {str(value)[:70]!r}"
+        raise InvalidUID(f"{name}{shown} is {problem}", f"{name} is {problem}")
+    return clean_uid(value)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class StoredFile:
 
 
 class Spool:
-    """Folder layout: incoming/<study>/<series>/<sop>.dcm and results/<series>/<job>/."""
+    """Layout: incoming/<study>/<series>/<sop>.dcm, results/<series>/job-<id>/attempt-<n>/."""
 
     def __init__(self, root: Path, min_free_mb: float = 0.0) -> None:
         self.root = Path(root)
@@ -80,8 +81,15 @@ class Spool:
         sop = validate_uid(sop_uid, "SOP Instance UID")
         return self.series_dir(study_uid, series_uid) / f"{sop}.dcm"
 
-    def result_dir(self, series_uid: str, job_id: int) -> Path:
-        return self.results / validate_uid(series_uid, "Series Instance UID") / f"job-{job_id}"
+    def result_dir(self, series_uid: str, job_id: int, attempt: int | None = None) -> Path:
+        """`results/<series>/job-<id>/`, or with `attempt` its `attempt-<n>/` sub-folder.
+
+        Each claim of a job writes into its own attempt folder (why: a worker that lost its
+        lease and the worker that took the job over must never write into, or remove, the
+        same folder).
+        """
+        job_dir = self.results / validate_uid(series_uid, "Series Instance UID") / f"job-{job_id}"
+        return job_dir if attempt is None else job_dir / f"attempt-{attempt}"
 
     def free_mb(self) -> float:
         target = self.root if self.root.exists() else self.root.parent

@@ -27,11 +27,13 @@ import highdicom as hd
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from dicom_node.headers import apply_character_set, result_character_set
 from dicom_node.results import (
     AlgorithmInfo,
     ResultOptions,
     contributing_equipment,
     quiet_source_warnings,
+    result_texts,
     write_atomically,
 )
 from dicom_node.seg import LESION_SEGMENT, LUNG_SEGMENT, LUNG_TYPE
@@ -197,6 +199,8 @@ def build_sr(
             sop_instance_uid,
             instance_number,
         )
+    charset = result_character_set(volume.datasets[0], result_texts(options, algorithm))
+    apply_character_set(sr, charset)
     logger.debug(
         "SR %s: COVID-19 p=%.4f (%s), lesions %.2f mL = %.2f%% of %.2f mL lung",
         sop_instance_uid,
@@ -240,6 +244,8 @@ def _document(
                 responsible_organization=options.manufacturer,
             )
         ],
+        # set afterwards (dicom_node.headers): highdicom refuses some valid values
+        specific_character_set=None,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from dicom_node.uids import REFERENCED_UIDS, clean_uid, uid_problem
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ SPACING_RELATIVE_TOLERANCE = 0.05
 SPACING_ABSOLUTE_TOLERANCE_MM = 0.02
 #: parallel decoding pays off only from this many compressed files on
 PARALLEL_MIN_FILES = 16
+#: decoded pixel data of one instance above this is refused before decoding
+MAX_PIXEL_DATA_BYTES = 1024 * 2**20
 #: lowest HU kept; padding and values below it (outside the field of view) become air
 HU_FLOOR = -1024.0
 
@@ -232,17 +237,18 @@ def _normal(orientation: np.ndarray) -> np.ndarray:
 
 
 def _series_problems(datasets: Sequence[Dataset]) -> list[str]:
-    problems: list[str] = []
+    problems = uid_problems(datasets)
     for keyword, what in (
         ("SeriesInstanceUID", "series"),
         ("StudyInstanceUID", "studies"),
         ("FrameOfReferenceUID", "frames of reference"),
     ):
-        values = {str(ds.get(keyword, "")) for ds in datasets}
-        if "" in values:
-            problems.append(f"{keyword} missing in some instances")
-        elif len(values) > 1:
+        values = {clean_uid(ds.get(keyword, "")) for ds in datasets}
+        if len(values) > 1 and not any(keyword in p for p in problems):
             problems.append(f"instances belong to {len(values)} different {what}")
+    too_big = [p for p in (pixel_size_problem(ds) for ds in datasets) if p is not None]
+    if too_big:
+        problems.append(f"{too_big[0]} (in {len(too_big)} of {len(datasets)} instance(s))")
     classes = {str(ds.get("SOPClassUID", "")) for ds in datasets}
     unsupported = classes - set(SUPPORTED_SOP_CLASSES)
     if unsupported:
@@ -254,6 +260,47 @@ def _series_problems(datasets: Sequence[Dataset]) -> list[str]:
             f"series has {len(datasets)} multi-frame CT instances; one per series is supported"
         )
     return problems
+
+
+def uid_problems(datasets: Sequence[Dataset]) -> list[str]:
+    """Which referenced UIDs are unusable, in how many instances (results cite them)."""
+    problems: list[str] = []
+    n = len(datasets)
+    for keyword, name in REFERENCED_UIDS:
+        counts: Counter[str] = Counter()
+        example: dict[str, str] = {}
+        for ds in datasets:
+            value = ds.get(keyword)
+            problem = uid_problem(value)
+            if problem is not None:
+                counts[problem] += 1
+                if value is not None and problem not in ("missing", "empty"):
+                    example.setdefault(problem, f" (e.g. {str(value)[:70]!r})")
+        for problem, count in counts.most_common():
+            problems.append(
+                f"{name} ({keyword}) is {problem}{example.get(problem, '')} "
+                f"in {count} of {n} instance(s); results could not reference them"
+            )
+    return problems
+
+
+def pixel_size_problem(ds: Dataset, max_bytes: int = MAX_PIXEL_DATA_BYTES) -> str | None:
+    """Decoded pixel data larger than `max_bytes` (checked before decoding: a header with
+    absurd Rows/Columns must not make the node try to allocate hundreds of GiB)."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        return f"image pixel module unreadable: {exc}"
+    size = rows * cols * samples * frames * max(bits, 8) // 8
+    if size > max_bytes:
+        return (
+            f"decoded pixel data would be {size / 2**20:,.0f} MiB ({rows} x {cols} x {frames} "
+            f"frame(s), {bits} bits), over the limit of {max_bytes / 2**20:,.0f} MiB"
+        )
+    return None
 
 
 def check_geometry(datasets: Sequence[Dataset]) -> list[str]:

@@ -5,7 +5,20 @@ job. A claimed job holds a lease that a background thread renews while the pipel
 runs; if the worker dies, the lease runs out and any worker (this one after a restart,
 or another process sharing the database) claims the job again. A job that fails with an
 error is retried after `worker.retry_delay_s` until `worker.max_attempts`; a series the
-pipeline refuses (`SeriesRejected`) is not retried.
+pipeline refuses (`SeriesRejected`) is not retried. Error texts and tracebacks are stored
+(`job.error`, `series.reason`) and logged only after `dicom_node.scrub.scrub` removed the
+series' identifying values from them. A job whose results cannot be written because the
+disk is full goes back to the queue without using up an attempt; the worker logs that
+once, backs off (`dicom_node.backoff`) and claims again once a probe write into the
+spool's results folder works.
+
+A worker that lost its lease (it was frozen or cut off from the database for longer than
+the lease, and another worker took the job over) stops as soon as it notices: the lease
+is confirmed with the database after loading, after inference (before anything is
+written) and before the result is recorded, and the result row is written under a row
+lock on the job. Each claim writes into its own attempt folder
+(`results/<series>/job-<id>/attempt-<n>/`); the loser removes its folder and records and
+sends nothing, and a later claim removes the folders of earlier attempts of its job.
 
 Newer results replace older ones: the pipeline writes a series' SEG and SR with the
 same result Series Instance UIDs every time it processes that series (new SOP Instance
@@ -21,6 +34,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import traceback
@@ -31,6 +45,7 @@ from typing import Any
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
 
+from dicom_node.backoff import describe, faults_for, is_database_unavailable, is_disk_full
 from dicom_node.config import NodeConfig
 from dicom_node.db import (
     Database,
@@ -51,12 +66,16 @@ from dicom_node.export import queue_deliveries
 from dicom_node.metrics import NodeMetrics
 from dicom_node.parts import NodePart
 from dicom_node.results import ResultUIDs
+from dicom_node.scrub import identifying_values, scrub
 from dicom_node.spool import Spool
 from dicom_node.volume import SeriesRejected
 
 logger = logging.getLogger(__name__)
 
 PredictorFactory = Callable[[], Any]
+
+#: While the disk is full the worker writes this much as a probe before it claims a job.
+SPACE_PROBE_BYTES = 256 * 1024
 
 
 def default_owner(role: str = "worker") -> str:
@@ -75,6 +94,7 @@ def build_predictor(config: NodeConfig) -> Any:
         precision=m.precision,
         batch_size=m.batch_size,
         compile=m.compile,
+        engine=m.engine,
     )
     meta = predictor.metadata
     logger.info(
@@ -86,12 +106,22 @@ def build_predictor(config: NodeConfig) -> Any:
     return predictor
 
 
+class LeaseLost(Exception):
+    """Another worker owns the job now; raised at the stage boundary where it was noticed."""
+
+    def __init__(self, job_id: int, stage: str) -> None:
+        super().__init__(f"job {job_id}: lease lost to another worker after stage {stage}")
+        self.stage = stage
+
+
 class _LeaseKeeper:
-    """Renews a job lease every third of its length until stopped."""
+    """Renews a job lease every third of its length until stopped; `check` at each stage."""
 
     def __init__(self, db: Database, job_id: int, owner: str, lease_seconds: float) -> None:
         self.db, self.job_id, self.owner, self.lease = db, job_id, owner, lease_seconds
         self.lost = False
+        #: the last stage after which the lease was confirmed ("claim" before the first)
+        self.stage = "claim"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
@@ -100,18 +130,52 @@ class _LeaseKeeper:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """No more renewals (idempotent)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def confirm(self) -> bool:
+        """Whether the job is still ours, asked of the database now (renewing the lease).
+
+        A database error counts as "still ours": it cannot be told now, and the result
+        is recorded only under a row lock that checks the owner again.
+        """
+        if self.lost:
+            return False
+        try:
+            if renew_job_lease(self.db, self.job_id, self.owner, self.lease):
+                return True
+        except Exception:
+            logger.debug("job %s: lease not confirmed", self.job_id, exc_info=True)
+            return not self.lost
+        self.lost = True
+        return False
+
+    def check(self, stage: str) -> None:
+        """Between pipeline stages: raise `LeaseLost` once another worker owns the job."""
+        if not self.confirm():
+            raise LeaseLost(self.job_id, stage)
+        self.stage = stage
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease / 3):
             try:
                 if not renew_job_lease(self.db, self.job_id, self.owner, self.lease):
                     self.lost = True
-                    logger.error("job %s: lease lost to another worker", self.job_id)
+                    logger.warning(
+                        "job %s: lease lost to another worker (renewal refused)", self.job_id
+                    )
                     return
-            except Exception:
-                logger.exception("job %s: lease renewal failed", self.job_id)
+                faults_for(self.db).database.clear("lease")
+            except Exception as exc:
+                if is_database_unavailable(exc):  # logged once per outage
+                    faults_for(self.db).database.trip("lease", describe(exc), exc)
+                else:
+                    logger.exception("job %s: lease renewal failed", self.job_id)
 
 
 def result_uids(source_series_uid: str) -> ResultUIDs:
@@ -167,14 +231,41 @@ class Worker(NodePart):
             _ = self.predictor  # load the model before the first series arrives
         except Exception:
             logger.exception("cannot load the model; the worker will retry per job")
+        guard = self.loop_guard("worker")
         while not stop.is_set():
+            guard.configure(self.config.backoff.initial_s, self.config.backoff.max_s)
             try:
-                if self.run_once() is not None:
+                if self.faults.disk.active and not self.space_for_results():
+                    stop.wait(guard.backoff.next_delay())  # still full: claim nothing
                     continue
-            except Exception:
-                logger.exception("worker loop error")
+                job_id = self.run_once()
+                guard.succeeded()
+                if job_id is not None:
+                    continue
+            except Exception as exc:  # database unavailable, disk full, ...: back off
+                stop.wait(guard.failed(exc, "worker loop error"))
+                continue
             stop.wait(self.config.worker.poll_interval_s)
         logger.info("worker %s stopped", self.owner)
+
+    def space_for_results(self) -> bool:
+        """Whether a probe file can be written into the spool's results folder now."""
+        folder = self.spool.results
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=".space-probe.", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(b"\0" * SPACE_PROBE_BYTES)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            finally:
+                os.unlink(name)
+        except OSError as exc:
+            if is_disk_full(exc):
+                return False
+            raise
+        return True
 
     # ----------------------------------------------------------------- one job
 
@@ -201,10 +292,17 @@ class Worker(NodePart):
             instance_number = 1 + int(
                 s.scalar(select(func.count(Result.id)).where(Result.series_id == series.id)) or 0
             )
-        out_dir = self.spool.result_dir(series_uid, job_id)
-        if out_dir.exists():  # a previous attempt of this job
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
+        job_dir = self.spool.result_dir(series_uid, job_id)
+        out_dir = self.spool.result_dir(series_uid, job_id, attempt)
+        try:
+            self._remove_earlier_attempts(job_dir, out_dir)
+            if out_dir.exists():  # this attempt number was handed back (disk full) before
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True)
+        except OSError as exc:
+            if is_disk_full(exc):
+                self._hand_back_disk_full(job_id, key, out_dir, exc)
+            raise
         logger.info(
             "job %d started (attempt %d): %s, %d instances", job_id, attempt, key, len(files)
         )
@@ -222,38 +320,112 @@ class Worker(NodePart):
                     self.config.results,
                     uids=result_uids(series_uid),
                     instance_number=instance_number,
+                    after_stage=lease.check,
                 )
-            except SeriesRejected as exc:
-                self._finish_rejected(job_id, key, exc.reason)
-                self.metrics.series_refused()
+                lease.check("write")  # before recording: nothing is recorded for a lost job
+            except LeaseLost as exc:
+                lease.stop()
+                self._drop_lost(job_id, key, out_dir, exc.stage)
+                return
+            except SeriesRejected as exc:  # texts stored and logged: no demographics
+                reason = scrub(exc.reason, identifying_values(files))
+                if self._finish_rejected(job_id, key, reason):
+                    self.metrics.series_refused()
+                else:
+                    self._drop_lost(job_id, key, out_dir, lease.stage)
                 return
             except Exception as exc:
-                logger.debug("job %d: processing failed", job_id, exc_info=True)
-                error = f"{type(exc).__name__}: {exc}"
-                self._finish_error(job_id, key, error, traceback.format_exc())
+                if is_disk_full(exc):  # not the series' fault: the loop waits for space
+                    lease.stop()  # before the job is handed back, so no renewal races it
+                    self._hand_back_disk_full(job_id, key, out_dir, exc)
+                    raise
+                values = identifying_values(files)  # texts stored and logged: no demographics
+                trace = scrub(traceback.format_exc(), values)
+                logger.debug("job %d: processing failed\n%s", job_id, trace)
+                error = scrub(f"{type(exc).__name__}: {exc}", values)
+                if not self._finish_error(job_id, key, error, trace):
+                    self._drop_lost(job_id, key, out_dir, lease.stage)
                 return
-        if lease.lost:
-            logger.warning(
-                "job %d: %s: finished after losing its lease; result discarded", job_id, key
-            )
-            return
         timings = {k: round(float(v), 4) for k, v in dict(result.timings).items()}
         timings["total"] = round(time.perf_counter() - t0, 4)
         timings["queue_wait"] = round(wait_s, 4)
-        self._finish_done(job_id, key, result, result_uids(series_uid), timings)
+        if not self._finish_done(job_id, key, result, result_uids(series_uid), timings):
+            self._drop_lost(job_id, key, out_dir, "write")
+            return
         self.metrics.series_done(timings)
+
+    def _remove_earlier_attempts(self, job_dir: Path, out_dir: Path) -> None:
+        """What earlier claims of this job left (a failed attempt, a worker that was lost).
+
+        A lost worker that is still running removes its own folder when it notices; one
+        that died cannot, so the next claim does. Nothing in the job folder belongs to a
+        recorded result: a job with a result is done and never claimed again.
+        """
+        if not job_dir.is_dir():
+            return
+        for old in job_dir.iterdir():
+            if old.name == out_dir.name:
+                continue
+            if old.is_dir():
+                self.spool.remove_tree(old)
+            else:  # results of a job claimed before attempt folders existed
+                self.spool.remove(old)
+            logger.debug("removed %s (an earlier attempt of this job)", old)
+
+    def _drop_lost(self, job_id: int, key: str, out_dir: Path, stage: str) -> None:
+        """Another worker took the job over: remove this attempt's folder, record nothing."""
+        self.spool.remove_tree(out_dir)
+        logger.warning(
+            "job %d: lease lost to another worker, stopping after stage %s; %s: "
+            "removed %s, nothing recorded or sent",
+            job_id,
+            stage,
+            key,
+            out_dir,
+        )
+
+    def _hand_back_disk_full(
+        self, job_id: int, key: str, out_dir: Path, exc: BaseException
+    ) -> None:
+        """Results cannot be written for lack of space: queue the job again, attempt uncounted.
+
+        The partial output is removed; the caller re-raises so the loop latches "disk full"
+        (logged once) and backs off until a probe write works again.
+        """
+        shutil.rmtree(out_dir, ignore_errors=True)
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if not self._own(job):
+                return
+            assert job is not None
+            job.state = JobState.QUEUED
+            job.attempts = max(0, job.attempts - 1)
+            job.error = f"waiting for disk space: {describe(exc)}"
+            job.not_before = None
+            job.lease_owner = None
+            job.lease_expires_at = None
+            series = s.get(Series, job.series_id)
+            assert series is not None
+            if series.state == SeriesState.PROCESSING:
+                series.state = SeriesState.QUEUED
+                series.reason = "results cannot be written: disk full; waiting for space"
+        logger.debug("job %d: %s: queued again, disk full", job_id, key)
 
     def _own(self, job: Job | None) -> bool:
         return job is not None and job.state == JobState.RUNNING and job.lease_owner == self.owner
 
     def _finish_done(
         self, job_id: int, key: str, result: Any, uids: ResultUIDs, timings: dict[str, float]
-    ) -> None:
+    ) -> bool:
+        """Record the result and queue its deliveries; False (nothing done) if not ours.
+
+        The job row is locked first (PostgreSQL; SQLite serialises writers), so a worker
+        taking the job over after this check waits and then finds it done.
+        """
         with self.db.session() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)
             if not self._own(job):
-                logger.warning("job %d: %s: job no longer ours; result discarded", job_id, key)
-                return
+                return False
             assert job is not None
             series = s.get(Series, job.series_id)
             assert series is not None
@@ -338,12 +510,14 @@ class Worker(NodePart):
             logger.warning(
                 "job %d: %s: %s; results kept in %s", job_id, key, problem, result.seg_path
             )
+        return True
 
-    def _finish_rejected(self, job_id: int, key: str, reason: str) -> None:
+    def _finish_rejected(self, job_id: int, key: str, reason: str) -> bool:
+        """Store the rejection; False (nothing stored) if the job is not ours any more."""
         with self.db.session() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)
             if not self._own(job):
-                return
+                return False
             assert job is not None
             job.state = JobState.REJECTED
             job.error = reason
@@ -355,15 +529,17 @@ class Worker(NodePart):
                 series.state = SeriesState.REJECTED
                 series.reason = reason
         logger.info("job %d: %s rejected: %s", job_id, key, reason)
+        return True
 
-    def _finish_error(self, job_id: int, key: str, error: str, trace: str) -> None:
+    def _finish_error(self, job_id: int, key: str, error: str, trace: str) -> bool:
+        """Retry later or fail for good; False (nothing stored) if the job is not ours."""
         import datetime as dt
 
         wcfg = self.config.worker
         with self.db.session() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)
             if not self._own(job):
-                return
+                return False
             assert job is not None
             job.error = error
             job.lease_owner = None
@@ -392,6 +568,7 @@ class Worker(NodePart):
                     series.reason = f"processing failed: {error}"
                 logger.error("job %d failed for good: %s: %s\n%s", job_id, key, error, trace)
                 self.metrics.series_given_up()
+        return True
 
 
 def _opt_float(value: Any) -> float | None:

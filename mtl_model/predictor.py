@@ -9,10 +9,17 @@ Precision: ``auto`` picks bf16 weights and activations where the hardware has na
 matrix units (CUDA GPUs with bf16, CPUs with AMX or AVX512-BF16) and fp32 elsewhere. BatchNorm
 is folded into the convolutions and tensors use channels_last; on this CPU that ran faster
 than bf16 autocast, which keeps BatchNorm in fp32 and re-casts the weights every batch.
-bf16 and fp32 outputs agree closely; ``benchmarks/predictor.py --compare`` measures it
-(width 64, random weights, 32 slices, 2-core Xeon with AMX, 2026-11-26: largest lesion
-probability difference 3.8e-5, slice COVID probability 6.1e-5, no pixel changed side of 0.5;
-throughput 9.1 slices/s for 300 slices of 512x512 end to end, vs about 1 slice/s in fp32).
+How far bf16 (and the OpenVINO engine) moves the outputs from fp32, with the shipped weights
+on real slices, is what ``benchmarks/predictor.py --compare`` measures; the figures are in
+README.md (Benchmarks).
+
+Engine: ``torch`` (the default here, the reference, and the only one on a GPU) or
+``openvino`` (``pip install 'ctmtl[openvino]'``; CPU only; ``mtl_model.openvino_engine``),
+whose ``auto`` precision is int8 by NNCF post-training quantisation calibrated on real
+slices (``mtl_model.calibration``; fp32 with a warning where no calibration slices are
+found), built once per checkpoint and cached. ``auto`` picks OpenVINO on a CPU where it is
+installed (and ``compile`` is off), torch otherwise. The outputs have the same form
+whichever engine runs.
 
 Series-level COVID probability (``aggregate_series``): the mean of the top 10% slice
 probabilities (at least one slice) among the slices the caller marks as relevant (the
@@ -37,8 +44,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +55,7 @@ from torch import nn
 
 from mtl_model.checkpoint import CheckpointMetadata, load_checkpoint
 from mtl_model.network import model_tasks
+from mtl_model.openvino_engine import OPENVINO_MISSING, EngineError, openvino_available
 from mtl_model.preprocessing import (
     AIR_HU,
     HUWindow,
@@ -56,9 +66,17 @@ from mtl_model.preprocessing import (
     resize_slices,
 )
 
+if TYPE_CHECKING:
+    from mtl_model.calibration import CalibrationSource
+
 logger = logging.getLogger(__name__)
 
 TOP_FRACTION = 0.10
+ENGINES = ("auto", "torch", "openvino")
+PRECISIONS = ("auto", "bf16", "fp32", "int8")
+
+#: a network as the predictor calls it: (N, C, S, S) -> {head: logits} (or the logits)
+Network = Callable[[torch.Tensor], Any]
 
 
 @dataclass
@@ -91,6 +109,28 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def resolve_engine(
+    engine: str = "auto", device: str | torch.device = "cpu", compile: bool = False
+) -> str:
+    """``auto`` -> ``openvino`` on a CPU where OpenVINO is installed (and torch.compile is
+    not asked for), else ``torch``. ``openvino`` without the package, or on another
+    device than the CPU, is an error that says what to do."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if engine == "torch":
+        return "torch"
+    if engine == "openvino":
+        if dev.type != "cpu":
+            raise ValueError(f"the OpenVINO engine runs on the CPU, not on device {dev}")
+        if not openvino_available():
+            raise EngineError(OPENVINO_MISSING)
+        return "openvino"
+    if dev.type == "cpu" and not compile and openvino_available():
+        return "openvino"
+    return "torch"
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Fold eval-mode BatchNorm into the preceding convolutions (exact in fp32, faster).
 
@@ -118,14 +158,27 @@ class Predictor:
         batch_size: int = 16,
         compile: bool = False,
         *,
+        engine: str = "torch",
+        calibration: str | Path | CalibrationSource | None = None,
+        cache_dir: str | Path | None = None,
         model: nn.Module | None = None,
         metadata: CheckpointMetadata | None = None,
     ) -> None:
+        """``engine``: ``torch`` | ``openvino`` | ``auto`` (module docstring). ``precision``:
+        ``auto`` | ``bf16`` | ``fp32`` | ``int8`` (int8: OpenVINO only, its ``auto``).
+        ``calibration`` (int8): a folder of calibration slices or a ``CalibrationSource``
+        (default: ``mtl_model.calibration.calibration_source()``). ``cache_dir``: where the
+        OpenVINO engine is cached (default: ``mtl_model.openvino_engine.default_cache_dir()``).
+        """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
+        self.engine = resolve_engine(engine, self.device, compile)
+        if self.engine == "torch" and precision == "int8":
+            hint = "" if engine == "torch" else f" ({OPENVINO_MISSING})"
+            raise EngineError(f"precision int8 needs the OpenVINO engine{hint}")
         if model is None:
             model, metadata = load_checkpoint(checkpoint, device="cpu")
         elif metadata is None:
@@ -135,45 +188,133 @@ class Predictor:
         self.tasks = model_tasks(model)
         if "segmentation" not in self.tasks and "classification" not in self.tasks:
             raise ValueError("the model has neither a segmentation nor a classification head")
-        if precision == "auto":
+        if precision == "auto" and self.engine == "torch":
             precision = "bf16" if native_bf16(self.device) else "fp32"
-        self.precision = precision
         self.batch_size = batch_size
         self.input_size = metadata.architecture.input_size
         pre = metadata.preprocessing
         self.window = HUWindow(pre.hu_window_center, pre.hu_window_width)
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        torch_bf16 = precision == "bf16" and self.engine == "torch"
+        self.dtype = torch.bfloat16 if torch_bf16 else torch.float32
         self.air = float(hu_to_unit(torch.tensor(AIR_HU), self.window))
         self.lung_box_margin = pre.lung_box_margin
-        # the classifier, where it sees the lung box and so has an input of its own
-        self.classifier: nn.Module | None = None
-        self.model: nn.Module | None = None
+        self.classifier: Network | None = None
+        self.model: Network | None = None
+        self.engine_cache: Path | None = None  # the OpenVINO engine's cache entry
+        # the networks to run: "model" (the lesion path, or the whole model) and
+        # "classifier" (where the classifier sees the lung box, so has an input of its own)
+        parts: dict[str, nn.Module] = {}
         arch = metadata.architecture
         if pre.classifier_input == "lung_box" and "classification" in self.tasks:
-            rest: nn.Module | None = None
             if arch.name == "cnn8":
-                classifier = model
+                parts["classifier"] = model
             elif arch.classifier_pooling == "image_cnn8":
                 rest = copy.deepcopy(model)  # the caller's model keeps its classifier
                 head = rest.classification
                 assert isinstance(head, nn.Module)
-                classifier = head
+                parts["classifier"] = head
                 rest.classification = None  # type: ignore[assignment]  # lesion path alone
+                parts["model"] = rest
             else:
                 raise ValueError("classifier_input 'lung_box' needs the image_cnn8 classifier")
-            self.classifier = self._prepare(classifier, compile)
-            self.model = self._prepare(rest, compile) if rest is not None else None
         else:
-            self.model = self._prepare(model, compile)
+            parts["model"] = model
+        if self.engine == "openvino":
+            if compile:
+                logger.info("compile applies to the torch engine only; ignored for OpenVINO")
+            nets, precision = self._openvino(parts, precision, calibration, cache_dir)
+            self.model, self.classifier = nets.get("model"), nets.get("classifier")
+        else:
+            self.model = self._prepare(parts["model"], compile) if "model" in parts else None
+            if "classifier" in parts:
+                self.classifier = self._prepare(parts["classifier"], compile)
+        self.precision = precision
         logger.info(
-            "predictor ready: %s %s on %s, %s, batch %d%s",
+            "predictor ready: %s %s on %s, %s %s, batch %d%s",
             metadata.model_name,
             metadata.model_version,
             self.device,
+            self.engine,
             self.precision,
             batch_size,
-            ", compiled" if compile else "",
+            ", compiled" if compile and self.engine == "torch" else "",
         )
+
+    def _openvino(
+        self,
+        parts: Mapping[str, nn.Module],
+        precision: str,
+        calibration: str | Path | CalibrationSource | None,
+        cache_dir: str | Path | None,
+    ) -> tuple[dict[str, Network], str]:
+        """The OpenVINO networks (built or from the cache) and the precision they run at."""
+        from mtl_model.calibration import CalibrationError, CalibrationSource, calibration_source
+        from mtl_model.openvino_engine import (
+            NNCF_MISSING,
+            NOT_QUANTISED,
+            BuildRequest,
+            EngineCache,
+            EngineError,
+            nncf_version,
+        )
+
+        source = None
+        if precision in ("auto", "int8") and all(n in NOT_QUANTISED for n in parts):
+            logger.info("nothing to quantise in this checkpoint; the OpenVINO engine runs fp32")
+            precision = "fp32"
+        if precision in ("auto", "int8"):
+            try:
+                if nncf_version() is None:
+                    raise EngineError(NNCF_MISSING)
+                if isinstance(calibration, CalibrationSource):
+                    source = calibration
+                else:
+                    source = calibration_source(calibration)
+            except (CalibrationError, EngineError) as exc:
+                if precision == "int8":
+                    raise EngineError(f"cannot build the int8 OpenVINO engine: {exc}") from exc
+                logger.warning("OpenVINO engine runs fp32, not int8: %s", exc)
+                precision = "fp32"
+            else:
+                precision = "int8"
+        meta = self.metadata
+        arch = meta.architecture
+        request = BuildRequest(
+            networks=parts,
+            device_uid=meta.device_uid,
+            model_version=meta.model_version,
+            in_channels=arch.in_channels,
+            input_size=self.input_size,
+            ir_precision="int8" if precision == "int8" else "fp32",
+        )
+        if source is not None:
+            src = source
+            request.calibration_id = src.ident
+            request.calibration = lambda: self._calibration_inputs(src.load(), list(parts))
+            logger.info("int8 calibration: %s", src.describe())
+        cache = EngineCache(request, Path(cache_dir) if cache_dir is not None else None)
+        nets = cache.load("bf16" if precision == "bf16" else "fp32", torch.get_num_threads())
+        self.engine_cache = cache.entry if (cache.entry / "manifest.json").is_file() else None
+        return dict(nets), precision
+
+    def _calibration_inputs(
+        self, series: Sequence[Any], names: Sequence[str]
+    ) -> dict[str, list[np.ndarray]]:
+        """Per-slice network inputs (1, C, S, S) of calibration series, preprocessed as in
+        :meth:`_predict` (the classifier: the series' lung box where it has a lung mask)."""
+        out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for s in series:
+            full = torch.from_numpy(np.ascontiguousarray(s.images, dtype=np.float32))
+            full = full.clamp(0.0, 1.0).unsqueeze(1)
+            if "model" in out:
+                x = resize_slices(full, self.input_size).float()
+                out["model"] += [a[None] for a in x.numpy()]
+            if "classifier" in out:
+                box = lung_box(s.lung, self.lung_box_margin) if s.lung is not None else None
+                cut = crop_to_box(full, box, self.air) if box is not None else full
+                c = resize_slices(cut, self.input_size).float()
+                out["classifier"] += [a[None] for a in c.numpy()]
+        return out
 
     def _prepare(self, model: nn.Module, compile: bool) -> nn.Module:
         model = fold_batchnorm(model.eval()).to(self.device, self.dtype)
@@ -212,6 +353,8 @@ class Predictor:
 
     def _network_input(self, x: torch.Tensor) -> torch.Tensor:
         x = resize_slices(x, self.input_size)
+        if self.engine != "torch":
+            return x.float().contiguous()
         return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
 
     @staticmethod

@@ -4,7 +4,9 @@ series, a tiny checkpoint, in-process nodes and DCMTK storescp peers (see helper
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +83,20 @@ def noncovid_headers(noncovid_files: list[Path]) -> list[pydicom.Dataset]:
 # --------------------------------------------------------------------------- model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _engine_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """OpenVINO engines that tests build (model.engine auto) go to a session temp folder,
+    also for the node processes tests start, never to the user's ~/.cache."""
+    # node processes run the torch reference unless a test asks for an engine
+    os.environ.setdefault("CTMTL_MODEL__ENGINE", "torch")
+    if os.environ.get("CTMTL_CACHE_DIR"):
+        yield
+        return
+    os.environ["CTMTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("engine_cache"))
+    yield
+    os.environ.pop("CTMTL_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A width-4 random-weight checkpoint with the two inference heads (fast on CPU)."""
@@ -120,6 +136,33 @@ def start_node() -> Iterator[Callable[..., NodeService]]:
     yield start
     for service in reversed(started):
         service.stop(timeout=60)
+
+
+@pytest.fixture
+def silent_peer() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers (a hung PACS or peer)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield int(server.getsockname()[1])
+    stop.set()
+    thread.join()
+    for c in conns:
+        c.close()
+    server.close()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
     ctmtl-train fit --config config/train/mtl_t123_256.toml --out runs/mtl_t123_256
     ctmtl-train evaluate --checkpoint P --covid-ct DIR --split test --medseg DIR --json OUT
     ctmtl-train export --run runs/NAME --out mtl_model/weights/ctmtl-release.safetensors
+        [--onnx runs/NAME/ctmtl.onnx]   (the inference heads as ONNX too)
     ctmtl-train compose --segmentation RELEASE --classification runs/CNN8/best.safetensors --out C
 
 Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m training.cli fit ...``.
@@ -95,6 +96,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch_size=args.batch_size,
         n_boot=args.bootstrap,
+        engine=args.engine,
     )
     print(json.dumps({k: result[k] for k in ("classification", "segmentation") if k in result}))
     return 0
@@ -113,7 +115,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         notes=args.notes,
         device=args.device,
     )
-    print(json.dumps({"exported": str(path), "bytes": path.stat().st_size}))
+    out: dict[str, object] = {"exported": str(path), "bytes": path.stat().st_size}
+    if args.onnx is not None:
+        from training.export import export_onnx
+
+        onnx_path = export_onnx(path, args.onnx)
+        out["onnx"] = str(onnx_path)
+        out["onnx_bytes"] = onnx_path.stat().st_size
+    print(json.dumps(out))
     return 0
 
 
@@ -164,7 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="ROC/overlay PNGs + report.md (default: next to --json, <name>_report/)",
     )
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    e.add_argument(
+        "--engine",
+        default="torch",
+        choices=["torch", "openvino", "auto"],
+        help="inference engine (openvino: ctmtl[openvino], CPU; auto: it where installed)",
+    )
+    e.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32", "int8"],
+        help="int8: OpenVINO only (its auto)",
+    )
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
     e.set_defaults(func=_cmd_evaluate)
@@ -178,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-eval", action="store_true", help="skip the validation evaluation")
     x.add_argument("--notes", default=None, help="free text recorded in the metadata")
     x.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    x.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the inference heads (segmentation + classification) as ONNX "
+        "(needs ctmtl[onnx])",
+    )
     x.set_defaults(func=_cmd_export)
 
     c = sub.add_parser(

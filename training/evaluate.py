@@ -215,7 +215,7 @@ def write_report(result: dict[str, Any], report_dir: Path) -> Path:
         f"- checkpoint: `{ck.get('path')}` ({ck.get('model_name')} {ck.get('model_version')}, "
         f"device UID {ck.get('device_uid')})",
         f"- evaluated: {result.get('evaluated')} on {result.get('device')} "
-        f"({result.get('precision')})",
+        f"({result.get('engine', 'torch')} {result.get('precision')})",
         "",
     ]
     c = result.get("classification")
@@ -278,12 +278,22 @@ def evaluate(
     batch_size: int = 16,
     n_boot: int = 2000,
     predictor: Predictor | None = None,
+    engine: str = "torch",
 ) -> dict[str, Any]:
-    """Score a checkpoint; writes the JSON (if ``json_out``) and the report folder."""
+    """Score a checkpoint; writes the JSON (if ``json_out``) and the report folder.
+
+    ``engine`` (torch, openvino, auto) and ``precision`` as for ``mtl_model.Predictor``.
+    """
     if covid_ct is None and medseg is None:
         raise ValueError("nothing to evaluate: give covid_ct and/or medseg")
     if predictor is None:
-        predictor = Predictor(checkpoint, device=device, precision=precision, batch_size=batch_size)
+        predictor = Predictor(
+            checkpoint,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            engine=engine,
+        )
     meta = predictor.metadata
     tasks = predictor.tasks
     if report_dir is None and json_out is not None:
@@ -352,6 +362,7 @@ def evaluate(
         "architecture": meta.architecture.model_dump(),
     }
     result["device"] = str(predictor.device)
+    result["engine"] = predictor.engine
     result["precision"] = predictor.precision
     result["evaluated"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["inputs"] = {

@@ -10,13 +10,17 @@ shipped (fp16-rounded) weights with ``mtl_model.Predictor``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mtl_model import (
     CheckpointError,
@@ -247,6 +251,129 @@ def compose_checkpoint(
         },
     )
     return save_checkpoint(model, meta, out)
+
+
+ONNX_OPSET = 17
+ONNX_MISSING = "ONNX export needs the onnx package: pip install 'ctmtl[onnx]'"
+
+
+class OnnxHeads(nn.Module):
+    """The inference heads as one graph, probabilities out (sigmoid applied).
+
+    Inputs, each (N, C, S, S) in [0, 1] on the network grid: ``image`` (the whole slice,
+    preprocessed as ``mtl_model.Predictor`` does); where the checkpoint's classifier sees
+    the lung box (``classifier_input = "lung_box"``), ``classifier_image`` too (the slice
+    cut to the series' lung box, air outside, then resized). Outputs: ``lesion_probability``
+    (N, 1, S, S) and ``covid_probability`` (N,), as far as the checkpoint has the heads.
+    """
+
+    def __init__(self, model: nn.Module, meta: CheckpointMetadata) -> None:
+        super().__init__()
+        arch = meta.architecture
+        self.tasks = [t for t in INFERENCE_TASKS if t in arch.tasks]
+        self.separate = (
+            meta.preprocessing.classifier_input == "lung_box" and "classification" in self.tasks
+        )
+        self.classifier_only = arch.name == "cnn8"
+        self.model = model
+        self.classifier: nn.Module | None = None
+        if self.separate and not self.classifier_only:
+            head = model.classification
+            assert isinstance(head, nn.Module)
+            self.classifier = head
+            self.model = copy.deepcopy(model)  # the lesion path alone
+            self.model.classification = None  # type: ignore[assignment]
+
+    @property
+    def input_names(self) -> list[str]:
+        if self.classifier_only:
+            return ["classifier_image" if self.separate else "image"]
+        return ["image", "classifier_image"] if self.separate else ["image"]
+
+    @property
+    def output_names(self) -> list[str]:
+        names = {"segmentation": "lesion_probability", "classification": "covid_probability"}
+        return [names[t] for t in self.tasks]
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(inputs[0])
+        res: list[torch.Tensor] = []
+        if "segmentation" in self.tasks:
+            res.append(torch.sigmoid(out["segmentation"]))
+        if "classification" in self.tasks:
+            if self.classifier is not None:
+                logit = self.classifier(inputs[1])["classification"]
+            else:
+                logit = out["classification"]
+            res.append(torch.sigmoid(logit))
+        return tuple(res)
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = ONNX_OPSET) -> Path:
+    """Write a checkpoint's inference heads as ONNX (``OnnxHeads``); returns the path.
+
+    The checkpoint's metadata JSON goes into the ONNX metadata (key ``ctmtl``), so the
+    file says how to preprocess its inputs and what its outputs mean. Batch is dynamic.
+    """
+    try:
+        import onnx
+    except ImportError as exc:
+        raise RuntimeError(ONNX_MISSING) from exc
+    src = Path(checkpoint)
+    model, meta = load_checkpoint(src, device="cpu")
+    keep = [t for t in meta.architecture.tasks if t in INFERENCE_TASKS]
+    if not keep:
+        raise CheckpointError(f"checkpoint {src} has no inference head")
+    inf = meta.architecture.build(keep)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("reconstruction.")}
+    inf.load_state_dict(state, strict=True)
+    meta = meta.model_copy(
+        update={"architecture": meta.architecture.model_copy(update={"tasks": keep})}
+    )
+    heads = OnnxHeads(inf.eval(), meta).eval()
+    arch = meta.architecture
+    example = tuple(
+        torch.zeros(1, arch.in_channels, arch.input_size, arch.input_size)
+        for _ in heads.input_names
+    )
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    names = heads.input_names + heads.output_names
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is "legacy"
+        torch.onnx.export(
+            heads,
+            example,
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=heads.input_names,
+            output_names=heads.output_names,
+            dynamic_axes={n: {0: "batch"} for n in names},
+        )
+    try:
+        proto = onnx.load(str(tmp))
+        onnx.checker.check_model(proto)
+        for key, value in (
+            ("ctmtl", meta.model_dump_json()),
+            ("inputs", OnnxHeads.__doc__ or ""),
+        ):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        proto.doc_string = f"{meta.model_name} {meta.model_version} (ctmtl-train export)"
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info(
+        "wrote ONNX %s (%.1f MiB; inputs %s, outputs %s)",
+        out_path,
+        out_path.stat().st_size / 2**20,
+        heads.input_names,
+        heads.output_names,
+    )
+    return out_path
 
 
 def _num(v: Any) -> str:

@@ -58,6 +58,7 @@ def make_config(tmp_path: Path) -> Callable[..., NodeConfig]:
             "completion": {"idle_seconds": 1.0, "poll_interval_s": 0.2},
             "worker": {"poll_interval_s": 0.2},
             "export": {"poll_interval_s": 0.2, "initial_backoff_s": 0.2, "max_backoff_s": 1.0},
+            "model": {"engine": "torch"},  # the reference; the OpenVINO engine has its own tests
         }
         merged = copy.deepcopy(base)
         for key, value in sections.items():

@@ -55,8 +55,18 @@ def _rec(sop: str, series: str = "1.2.3.4", sha: str = "a" * 64, size: int = 10)
     )
 
 
+def _head(db: Database) -> str:
+    from alembic.script import ScriptDirectory
+
+    from dicom_node.db import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(str(db.engine.url))).get_current_head()
+    assert head is not None
+    return head
+
+
 def test_migrations_create_exactly_the_models(db: Database) -> None:
-    assert db.current_revision() == "0001_initial"
+    assert db.current_revision() == _head(db)
     tables = set(inspect(db.engine).get_table_names())
     assert {"studies", "series", "instances", "jobs", "results", "deliveries"} <= tables
     with db.engine.connect() as conn:
@@ -205,3 +215,24 @@ def _job_in(s: object, series_id: int) -> int:
     s.add(job)  # type: ignore[attr-defined]
     s.flush()  # type: ignore[attr-defined]
     return job.id
+
+
+def test_a_database_of_the_first_release_moves_forward_keeping_its_rows(tmp_path: Path) -> None:
+    old = Database(f"sqlite:///{tmp_path / 'old.db'}")
+    old.upgrade("0001_initial")
+    with old.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO studies (id, study_instance_uid, created_at) "
+            "VALUES (1, '1.2.3', '2026-01-01')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO series (id, study_id, series_instance_uid, state, n_instances, "
+            "received_bytes, first_received_at, last_received_at, updated_at) "
+            "VALUES (1, 1, '1.2.3.4', 'done', 3, 30, '2026-01-01', '2026-01-01', '2026-01-01')"
+        )
+    old.upgrade()
+    assert old.current_revision() == _head(old)
+    with old.session() as s:
+        series = s.scalars(select(Series)).one()
+        assert (series.state, series.n_instances, series.refusals) == ("done", 3, None)
+    old.dispose()

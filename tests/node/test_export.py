@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
@@ -26,33 +24,6 @@ def test_backoff_doubles_up_to_the_cap() -> None:
     assert [backoff_seconds(a, 5, 60) for a in range(1, 7)] == [5, 10, 20, 40, 60, 60]
 
 
-@pytest.fixture
-def black_hole() -> Iterator[int]:
-    """A TCP port that accepts connections and never answers (a hung peer)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    conns: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conns.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield int(server.getsockname()[1])
-    stop.set()
-    thread.join()
-    for c in conns:
-        c.close()
-    server.close()
-
-
 def _db_with_result(cfg: NodeConfig, result: Any) -> tuple[Database, int]:
     db = Database(cfg.database_url)
     return db, add_done_result(db, cfg.destinations, result.seg_path, result.sr_path)
@@ -67,7 +38,7 @@ def _deliveries(db: Database) -> dict[str, Delivery]:
 def test_delivery_retries_and_independence(
     make_config: Callable[..., NodeConfig],
     storescp: Callable[..., StoreSCP],
-    black_hole: int,
+    silent_peer: int,
     pipeline_result: Any,
 ) -> None:
     pacs = storescp("pacs", "PACS")
@@ -79,7 +50,7 @@ def test_delivery_retries_and_independence(
                 "name": "hung",
                 "ae_title": "HUNG",
                 "host": "127.0.0.1",
-                "port": black_hole,
+                "port": silent_peer,
                 "timeout_s": 2.5,
             },
             {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": dead_port},

@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import NodeConfig, StartupError
 from dicom_node.db import (
     Database,
     Delivery,
@@ -27,6 +27,7 @@ from dicom_node.db import (
     SeriesState,
 )
 from dicom_node.service import NodeService
+from dicom_node.worker import build_predictor
 from helpers import NODE_CLI, StoreSCP, free_port, wait_for
 
 from .conftest import derive_series, store_files
@@ -142,7 +143,12 @@ def test_unusable_model_fails_after_retries(
         model={"checkpoint": str(tmp_path / "missing.safetensors"), "device": "cpu"},
         worker={"max_attempts": 2, "retry_delay_s": 0.2},
     )
-    node = start_node(cfg)
+    refused = NodeService(cfg)
+    with pytest.raises(StartupError, match=r"model\.checkpoint: .*missing\.safetensors"):
+        refused.start()  # the node checks and loads its model before accepting anything
+    refused.stop()
+    # a model that fails to load only when a job runs (a custom factory) is retried per job
+    node = start_node(cfg, predictor_factory=lambda: build_predictor(cfg))
     files = derive_series(noncovid_files, tmp_path / "s")
     store_files(node.port, files)
     uid = _series_uid(files)

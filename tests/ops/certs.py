@@ -23,8 +23,20 @@ class TestPKI:
     ca_key: Path
     folder: Path
 
-    def issue(self, name: str, cn: str, server: bool) -> CertPair:
-        """A leaf certificate signed by this CA (SAN 127.0.0.1 + localhost for servers)."""
+    def issue(
+        self,
+        name: str,
+        cn: str,
+        server: bool,
+        *,
+        subject: str | None = None,
+        san: str = "IP:127.0.0.1,DNS:localhost",
+    ) -> CertPair:
+        """A leaf certificate signed by this CA (SAN 127.0.0.1 + localhost by default).
+
+        `subject` (OpenSSL form, `/C=DE/O=Hospital/CN=x`) replaces `/CN=cn`; `san` is the
+        subjectAltName extension value.
+        """
         key, csr, cert = (self.folder / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
         ext = self.folder / f"{name}.ext"
         usage = "serverAuth" if server else "clientAuth"
@@ -32,11 +44,11 @@ class TestPKI:
             "basicConstraints=CA:FALSE\n"
             "keyUsage=digitalSignature,keyEncipherment\n"
             f"extendedKeyUsage={usage}\n"
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+            f"subjectAltName={san}\n"
         )
         _openssl(
             "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key.name, "-out", csr.name,
-            "-subj", f"/CN={cn}", cwd=self.folder,
+            "-subj", subject or f"/CN={cn}", cwd=self.folder,
         )  # fmt: skip
         _openssl(
             "x509", "-req", "-in", csr.name, "-CA", self.ca_cert.name, "-CAkey",
