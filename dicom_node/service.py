@@ -75,8 +75,9 @@ class NodeService:
 
         Nothing runs before the checks pass (`dicom_node.preflight`): TLS files, the model
         checkpoint (and, for a worker, the model itself, loaded here), the database
-        (integrity, connection, schema) and the spool. Only then the threads start and the
-        SCP listens, so a node that cannot process never accepts an instance.
+        (integrity, connection, schema) and the spool. Only then the SCP binds its ports (a
+        port in use ends the start here, with no thread running) and the threads start, so a
+        node that cannot process never accepts an instance.
         """
         from dicom_node.preflight import describe_db_error, raise_for, startup_problems
 
@@ -118,6 +119,8 @@ class NodeService:
         from dicom_node.admin import attach_observability
 
         self._started = True  # from here on stop() has parts to stop
+        if self.scp is not None:  # bind first: a port in use stops the start before any thread
+            self.scp.start()
         self.metrics_server = attach_observability(self)
         parts: list[tuple[str, Callable[[threading.Event], None]]] = []
         if self.completion is not None:
@@ -132,8 +135,6 @@ class NodeService:
             )
             thread.start()
             self._threads.append(thread)
-        if self.scp is not None:
-            self.scp.start()
 
     @property
     def port(self) -> int:

@@ -61,6 +61,7 @@ def without_openvino(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(BLOCK_OPENVINO)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CTMTL_MODEL__ENGINE", None)  # the config file's engine counts here
     env["PYTHONPATH"] = os.pathsep.join(
         [str(site), str(REPO / "tests"), *filter(None, [env.get("PYTHONPATH")])]
     )

@@ -67,3 +67,5 @@ def test_port_in_use_stops_the_node_with_one_clear_line(
     assert len(errors) == 1, proc.stderr
     assert errors[0].startswith(f"error: {key}: cannot listen on 127.0.0.1:{taken_port}")
     assert f"set {key} to a free port" in errors[0]
+    if key == "node.port":  # nothing started before the port was found taken
+        assert "completion monitor started" not in proc.stderr
