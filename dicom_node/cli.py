@@ -59,6 +59,8 @@ def _setup_logging(level: str) -> None:
     if level.upper() != "DEBUG":
         for noisy in ("pynetdicom", "alembic", "highdicom"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # two ERROR lines per failed connect; the exporter and `echo` name the cause in one
+        logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
 
 
 def _load(path: str | None):  # type: ignore[no-untyped-def]

@@ -74,6 +74,7 @@ def test_echo_says_connection_refused(storescp: Callable[..., StoreSCP], silent_
     assert proc.returncode == 1
     assert f"connection refused (127.0.0.1:{port})" in proc.stdout, proc.stdout
     assert "aborted or no answer" not in proc.stdout
+    assert "TCP Initialisation Error" not in proc.stderr, proc.stderr  # one line, the cause
 
     proc = _cli("echo", f"PACS@127.0.0.1:{silent_peer}", "--timeout", "2")
     assert proc.returncode == 1
