@@ -9,9 +9,10 @@ What it does, with real parts only:
 1. synthesizes a series of `--slices` slices from the real COVID chest CT in the data folder
    (nearest real slice for each new position along z, compressed pixel data copied as is,
    new UIDs, regular spacing over the same extent);
-2. starts DCMTK `storescp` as the receiving PACS and the node (`ctmtl-node serve`, a
-   separate process, SQLite + spool in a temp folder) with a model of `--width` (random
-   weights unless `--checkpoint`: timing does not depend on the weights);
+2. starts DCMTK `storescp` as the receiving PACS (a pynetdicom storage SCP in a thread of
+   this process when DCMTK is absent) and the node (`ctmtl-node serve`, a separate process,
+   SQLite + spool in a temp folder) with a model of `--width` (random weights unless
+   `--checkpoint`: timing does not depend on the weights);
 3. sends the series with DCMTK `storescu` (pynetdicom when DCMTK is absent) and prints
    the ingest rate (instances/s, MB/s);
 4. waits for the SEG + SR to be acknowledged by the PACS and prints the time from the
@@ -19,6 +20,8 @@ What it does, with real parts only:
    queue wait, load, lung mask, inference, SEG, SR and send.
 
 The model is loaded when the node starts, before the series arrives, as in production.
+The JSON names the PACS and the sender used and the machine (CPU, threads, GPU).
+`CTMTL_BENCH_NO_DCMTK=1` ignores an installed DCMTK (pynetdicom for both ends).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
@@ -45,6 +48,10 @@ sys.path.insert(0, str(REPO))
 
 from dicom_node.db import Database, Delivery, DeliveryState, Job, Result  # noqa: E402
 from dicom_node.export import Peer, echo  # noqa: E402
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+    from pynetdicom.transport import ThreadedAssociationServer
 
 SERIES = "dicom/ricord-1a-covid-chest-ct"
 
@@ -63,11 +70,60 @@ def free_port() -> int:
 
 
 def dcmtk(name: str) -> str | None:
+    if os.environ.get("CTMTL_BENCH_NO_DCMTK", "") not in ("", "0"):
+        return None
     for folder in ("/usr/bin", "/usr/local/bin"):
         path = Path(folder) / name
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     return None
+
+
+# what the node sends: the CT it was given, the lesion SEG and the TID 1500 SR
+PACS_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR Storage
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR Storage
+)
+
+
+def start_pynetdicom_pacs(port: int, folder: Path) -> ThreadedAssociationServer:
+    """A storage SCP "PACS" in threads of this process, DCMTK storescp's stand-in.
+
+    Accepts the CT, SEG and SR storage classes (and C-ECHO) in every transfer syntax
+    pynetdicom knows, preferring explicit then implicit VR little endian as storescp does
+    (the acceptor's order decides), writes each dataset as received to `folder` and
+    answers 0x0000.
+    """
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    def on_store(event: Event) -> int:
+        uid = event.file_meta.MediaStorageSOPInstanceUID  # the request's, as pynetdicom sets
+        (folder / f"{uid}.dcm").write_bytes(event.encoded_dataset())
+        return 0x0000
+
+    preferred = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    syntaxes = preferred + [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in preferred]
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Verification)
+    for sop_class in PACS_SOP_CLASSES:
+        ae.add_supported_context(sop_class, syntaxes)
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    assert server is not None  # block=False returns the running server
+    return server
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and threads, torch and the GPU (as `benchmarks/predictor.py` names them)."""
+    from predictor import machine as predictor_machine  # benchmarks/, this script's folder
+
+    return predictor_machine()
 
 
 def synthesize_series(sources: list[Path], out_dir: Path, n_slices: int) -> list[Path]:
@@ -161,10 +217,14 @@ def send(files: list[Path], port: int) -> tuple[float, str]:
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     ae.add_requested_context(first.SOPClassUID, first.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="CTMTL")
-    for f in files:
-        status = assoc.send_c_store(f)
-        if status.Status != 0:
-            raise RuntimeError(f"C-STORE of {f} failed: 0x{status.Status:04X}")
+    try:
+        for f in files:
+            status = assoc.send_c_store(f)
+            if status.Status != 0:
+                raise RuntimeError(f"C-STORE of {f} failed: 0x{status.Status:04X}")
+    except BaseException:  # interrupted too: abort, or the node waits for the association
+        assoc.abort()
+        raise
     assoc.release()
     return time.perf_counter() - t0, "pynetdicom"
 
@@ -187,11 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     if not sources:
         parser.error(f"no source series found under {data_root(args.data) / SERIES}")
     storescp = dcmtk("storescp")
-    if storescp is None:
-        parser.error("DCMTK storescp is needed as the receiving PACS (apt install dcmtk)")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ctmtl-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
+    pacs_server: ThreadedAssociationServer | None = None
     try:
         t = time.perf_counter()
         files = synthesize_series(sources, work / "series", args.slices)
@@ -208,21 +267,27 @@ def main(argv: list[str] | None = None) -> int:
 
         pacs_port, node_port = free_port(), free_port()
         (work / "pacs").mkdir(exist_ok=True)
-        # DCMTK 3.6.7 storescp cannot bind one address: it listens on a random free port
-        procs.append(
-            subprocess.Popen(
-                [
-                    storescp,
-                    "--aetitle",
-                    "PACS",
-                    "--output-directory",
-                    str(work / "pacs"),
-                    str(pacs_port),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=(work / "storescp.log").open("wb"),
+        if storescp is not None:
+            pacs = "DCMTK storescp"
+            # DCMTK 3.6.7 storescp cannot bind one address: it listens on a random free port
+            procs.append(
+                subprocess.Popen(
+                    [
+                        storescp,
+                        "--aetitle",
+                        "PACS",
+                        "--output-directory",
+                        str(work / "pacs"),
+                        str(pacs_port),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=(work / "storescp.log").open("wb"),
+                )
             )
-        )
+        else:
+            pacs = "pynetdicom"
+            pacs_server = start_pynetdicom_pacs(pacs_port, work / "pacs")
+        print(f"PACS: {pacs} on port {pacs_port}")
         config = work / "node.toml"
         config.write_text(f"""
 [node]
@@ -328,12 +393,18 @@ poll_interval_s = 0.2
             "width": args.width,
             "device": device_line,
             "sender": sender,
+            "pacs": pacs,
+            "batch": args.batch,
+            "precision": args.precision,
+            "machine": machine(),
         }
         print(json.dumps(figures))
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=1))
         return 0
     finally:
+        if pacs_server is not None:
+            pacs_server.shutdown()
         for proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -7,6 +7,13 @@ Writes the layout of ../shared/data (``covid-ct/`` with its split lists, ``medse
 (resizing a 256 image to 256 is a no-op). About 35 MB instead of 130 MB.
 
     python scripts/pack_data.py --out .gpu/data   # then carry .gpu on the device
+
+``--cut`` also writes the real CT cut to its lung box for a lung-box classifier
+(``classifier_input = "lung_box"``): ``medseg-100-box/`` and ``luna16-3-box/``, each cut from
+the full-resolution source exactly as training cuts it at load
+(``training.data.cut_to_lung_box``, then the grid), and marked ``LUNG_BOX_CUT`` so that
+loading does not cut again. Cutting the 256 pack instead would blow a box of about 200
+pixels up to 256: blurrier than what the node's Predictor cuts from the 512 source.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from PIL import Image
 from training.config import default_data_root
 from training.data import (
     CLASS_FOLDERS,
+    LUNG_BOX_MARKER,
+    SLICE_SPACING_MM,
     covid_ct_files,
+    cut_to_lung_box,
     masks_to_grid,
     read_binary_mask,
     read_gray_image,
@@ -40,6 +50,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=default_data_root())
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--cut", action="store_true", help="also the lung-box cut of real CT")
     args = ap.parse_args()
     src, out, size = args.data, args.out, args.size
     if out.exists():
@@ -62,6 +73,22 @@ def main() -> None:
         for f in stack_slices(patient):
             grid = to_grid_uint8([read_gray_image(f)], size)[0, 0].numpy()
             _save(grid, out / "luna16-3" / patient.name / f.name)
+    if args.cut:
+        box = out / "medseg-100-box"
+        for img in sorted((src / "medseg-100" / "images").glob("*.png")):
+            mask = read_binary_mask(src / "medseg-100" / "masks" / img.name)
+            one, one_mask = cut_to_lung_box([read_gray_image(img)], [mask], SLICE_SPACING_MM)
+            assert one_mask is not None
+            _save(to_grid_uint8(one, size)[0, 0].numpy(), box / "images" / img.name)
+            _save(masks_to_grid(one_mask, size)[0, 0].numpy() * 255, box / "masks" / img.name)
+        (box / LUNG_BOX_MARKER).write_text("cut to the lung box by scripts/pack_data.py --cut\n")
+        box = out / "luna16-3-box"
+        for patient in sorted(p for p in (src / "luna16-3").iterdir() if p.is_dir()):
+            files = stack_slices(patient)
+            cut, _ = cut_to_lung_box([read_gray_image(f) for f in files])
+            for f, grid in zip(files, to_grid_uint8(cut, size)[:, 0].numpy(), strict=True):
+                _save(grid, box / patient.name / f.name)
+        (box / LUNG_BOX_MARKER).write_text("cut to the lung box by scripts/pack_data.py --cut\n")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"packed {src} onto {size}x{size} in {out}: {total / 2**20:.1f} MiB")
 

@@ -52,7 +52,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mtl_model import LUNG_WINDOW, HUWindow, hu_to_unit, resize_slices
-from mtl_model.lung import lung_mask
 from mtl_model.preprocessing import AIR_HU, crop_to_box, lung_box, unit_to_hu
 from mtl_model.stacks import STACK_SPACING_MM, stack_files
 from training.config import DatasetSpec
@@ -213,6 +212,12 @@ def unit_to_uint8(x: np.ndarray) -> np.ndarray:
 SLICE_SPACING_MM = (10.0, 0.7, 0.7)
 
 
+#: a real-CT folder (MedSeg PNG, PNG stacks) whose slices ``scripts/pack_data.py --cut``
+#: already cut to their lung box from the full-resolution source, as :func:`cut_to_lung_box`
+#: does at load; a lung-box run reads it as it is, any other run refuses it
+LUNG_BOX_MARKER = "LUNG_BOX_CUT"
+
+
 def cut_to_lung_box(
     images: list[np.ndarray],
     masks: list[np.ndarray] | None = None,
@@ -225,6 +230,8 @@ def cut_to_lung_box(
     classifier trained on these crops sees what the Predictor gives it; a stack in which
     the mask finds no lung stays whole.
     """
+    from mtl_model.lung import lung_mask  # SimpleITK, needed only where a box is cut
+
     stack = np.stack(images).astype(np.float32) / 255.0
     box = lung_box(lung_mask(unit_to_hu(stack, window), spacing))
     if box is None:
@@ -658,6 +665,14 @@ def load_spec(spec: DatasetSpec, data_root: Path, size: int, cut: bool = False) 
         raise DataError(f"data set {spec.kind} not found at {path} (data root {data_root})")
     if cut and spec.kind in ("medseg_nifti", "dicom_seg"):
         raise DataError(f"lung-box classifier input is not implemented for {spec.kind} data")
+    if (path / LUNG_BOX_MARKER).is_file():
+        if not cut:
+            raise DataError(
+                f"{path} was cut to its lung box ({LUNG_BOX_MARKER}, scripts/pack_data.py "
+                "--cut): only a lung-box classifier (classifier_input = 'lung_box') reads it"
+            )
+        logger.info("%s is already cut to its lung box (%s)", path, LUNG_BOX_MARKER)
+        cut = False
     if spec.kind == "covid_ct":
         s = load_covid_ct(path, spec.split, size)
     elif spec.kind == "medseg_png":

@@ -209,3 +209,40 @@ def test_fit_with_balanced_real_ct_reports_the_real_ct_figure(
     assert "val_real_auc" in rows[0]
     _model, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
     assert meta.preprocessing.classifier_input == "lung_box"
+
+
+@pytest.mark.slow
+def test_pack_cut_gives_the_slices_a_lung_box_run_cuts_at_load(
+    mini_data: Path, tmp_path: Path
+) -> None:
+    """`scripts/pack_data.py --cut` (the data a GPU run carries) holds the very uint8 slices
+    that cutting at load gives, and only a lung-box run reads them."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    pack = tmp_path / "pack"
+    args = ["--data", str(mini_data), "--out", str(pack), "--size", "64", "--cut"]
+    done = subprocess.run(
+        [sys.executable, "scripts/pack_data.py", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    specs = [
+        ({"kind": "medseg_png", "path": "medseg-100"}, "medseg-100-box"),
+        ({"kind": "png_stack", "path": "luna16-3", "covid_label": False}, "luna16-3-box"),
+    ]
+    for raw, box in specs:
+        cfg = parse_config({"name": "x", "data": {"train": [raw, {**raw, "path": box}]}})
+        source, packed = cfg.data.train
+        at_load = load_spec(source, mini_data, 64, cut=True)
+        from_pack = load_spec(packed, pack, 64, cut=True)
+        assert from_pack.names == at_load.names
+        assert torch.equal(from_pack.images, at_load.images)
+        assert torch.equal(from_pack.masks, at_load.masks)
+        assert not torch.equal(from_pack.images, load_spec(source, mini_data, 64).images)
+        with pytest.raises(DataError, match="only a lung-box classifier"):
+            load_spec(packed, pack, 64, cut=False)
