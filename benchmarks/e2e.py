@@ -3,7 +3,8 @@
 Usage:
   python benchmarks/e2e.py [--width 64] [--device auto|cpu|cuda] [--checkpoint P]
                            [--slices 300] [--idle 2] [--precision auto|fp32|bf16]
-                           [--batch 16] [--data DIR] [--workdir DIR] [--json OUT]
+                           [--batch 16] [--decode-workers -1] [--data DIR] [--workdir DIR]
+                           [--json OUT]
 
 What it does, with real parts only:
 1. synthesizes a series of `--slices` slices from the real COVID chest CT in the data folder
@@ -236,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="use this checkpoint instead of random weights")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=16, help="predictor batch size")
+    parser.add_argument(
+        "--decode-workers",
+        type=int,
+        default=-1,
+        help="[worker] decode_workers: -1 one process per core (at most 8, the default), "
+        "0 decode in the worker thread",
+    )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--idle", type=float, default=2.0, help="completion idle seconds")
     parser.add_argument("--data", help="data folder (default $CTMTL_DATA or ../shared/data)")
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{total_bytes / 2**20:.1f} MiB ({time.perf_counter() - t:.1f} s to make)"
         )
         checkpoint = (
-            Path(args.checkpoint)
+            Path(args.checkpoint).resolve()  # the node reads paths from its config's folder
             if args.checkpoint
             else make_checkpoint(args.width, work / f"random-w{args.width}.safetensors")
         )
@@ -316,6 +324,7 @@ path = "spool"
 min_free_mb = 0
 [worker]
 poll_interval_s = 0.2
+decode_workers = {args.decode_workers}
 [export]
 poll_interval_s = 0.2
 """)
@@ -329,7 +338,15 @@ poll_interval_s = 0.2
             )
         )
         peer = Peer("CTMTL", "127.0.0.1", node_port, "BENCHSCU", 5)
-        wait(lambda: echo(peer)[0], 120, "the node to answer C-ECHO", step=0.5)
+        node = procs[-1]
+
+        def answers() -> bool:
+            if node.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"the node exited ({node.returncode}): " + " | ".join(tail))
+            return bool(echo(peer)[0])
+
+        wait(answers, 120, "the node to answer C-ECHO", step=0.5)
         db = Database(f"sqlite:///{work / 'spool' / 'ctmtl-node.db'}")
         wait(lambda: "model loaded" in log.read_text(), 300, "the model to load", step=0.5)
 
@@ -395,6 +412,7 @@ poll_interval_s = 0.2
             "sender": sender,
             "pacs": pacs,
             "batch": args.batch,
+            "decode_workers": args.decode_workers,
             "precision": args.precision,
             "machine": machine(),
         }

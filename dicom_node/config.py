@@ -274,6 +274,15 @@ class WorkerSection(_Section):
     poll_interval_s: float = Field(1.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     retry_delay_s: float = Field(30.0, ge=0)
+    decode_workers: int = Field(
+        -1,
+        ge=-1,
+        le=64,
+        description="processes that decode compressed slices (JPEG, JPEG 2000, RLE) in "
+        "parallel, kept for the worker's life: the codecs hold the GIL, so one thread "
+        "decodes a 300-slice JPEG Lossless series in seconds; -1 = one per CPU core, at "
+        "most 8; 0 or 1 = in the worker thread",
+    )
 
 
 class ExportSection(_Section):

@@ -14,7 +14,6 @@ lesion lands where drawn.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -31,7 +30,7 @@ from dicom_node.overlay import build_secondary_capture, write_secondary_capture
 from dicom_node.results import AlgorithmInfo, ResultOptions, ResultUIDs
 from dicom_node.seg import build_seg, write_seg
 from dicom_node.sr import ResultNumbers, build_sr, write_sr
-from dicom_node.volume import CTVolume, SeriesRejected, load_series
+from dicom_node.volume import CTVolume, SeriesRejected, decode_workers, load_series
 from mtl_model.lung import lung_mask
 
 logger = logging.getLogger(__name__)
@@ -360,8 +359,7 @@ def run_process_command(
     t0 = time.perf_counter()
     predictor = Predictor(checkpoint=checkpoint, device=device)
     model_load = time.perf_counter() - t0
-    cpus = os.cpu_count() or 1
-    workers = min(8, cpus) if cpus >= 8 else 0  # process startup only pays off on many cores
+    workers = decode_workers(-1, persistent=False)
     result = process_series(files, out_dir, predictor, options, decode_workers=workers)
     out = result.to_json()
     out["timings"] = {"model_load": round(model_load, 4), **out["timings"]}

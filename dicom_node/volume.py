@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -434,6 +436,50 @@ def _decode_file(path: str) -> np.ndarray | str:
         return np.asarray(pydicom.dcmread(path).pixel_array)
     except Exception as exc:  # the codecs' own error types; reported by the caller
         return f"{type(exc).__name__}: {exc}"
+
+
+#: the most decoding processes ``decode_workers = -1`` starts
+MAX_AUTO_DECODE_WORKERS = 8
+
+
+def decode_workers(setting: int, persistent: bool = True) -> int:
+    """Decoding processes for a ``[worker] decode_workers`` setting (-1: automatic).
+
+    Automatic is one per usable core, at most :data:`MAX_AUTO_DECODE_WORKERS`. A pool
+    made for one series only (``persistent=False``, ``ctmtl-node process``) pays the
+    processes' start-up on every call, which only many cores win back: below 8, none.
+    """
+    if setting >= 0:
+        return setting
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    if not persistent and cores < MAX_AUTO_DECODE_WORKERS:
+        return 0
+    return min(cores, MAX_AUTO_DECODE_WORKERS)
+
+
+def decode_pool(setting: int) -> Executor | None:
+    """A process pool that :func:`load_series` reuses series after series (None: decode in
+    the calling thread). Forkserver children import only pydicom and numpy, not torch."""
+    n = decode_workers(setting)
+    if n < 2:
+        return None
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver"))
+    try:  # start every process now and import this module there: the first series waits not
+        for future in [pool.submit(_decoder_ready, 0.05) for _ in range(n)]:
+            future.result(timeout=120)
+    except Exception as exc:
+        logger.warning("decoding processes did not start (%s); decoding in the worker", exc)
+        pool.shutdown(cancel_futures=True)
+        return None
+    return pool
+
+
+def _decoder_ready(hold_s: float = 0.0) -> int:
+    time.sleep(hold_s)  # held, each call has a process of its own
+    return os.getpid()
 
 
 def _decode_in_parallel(

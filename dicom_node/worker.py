@@ -39,6 +39,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ from dicom_node.parts import NodePart
 from dicom_node.results import ResultUIDs
 from dicom_node.scrub import identifying_values, scrub
 from dicom_node.spool import Spool
-from dicom_node.volume import SeriesRejected
+from dicom_node.volume import SeriesRejected, decode_pool, decode_workers
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +209,8 @@ class Worker(NodePart):
         self.owner = owner or default_owner()
         self._factory = predictor_factory or (lambda: build_predictor(self.config))
         self._predictor: Any = None
+        self._decode_pool: Executor | None = None
+        self._decode_pool_made = False
 
     @property
     def predictor(self) -> Any:
@@ -215,6 +218,21 @@ class Worker(NodePart):
             self._predictor = self._factory()
             self.metrics.set_model_loaded(True)
         return self._predictor
+
+    @property
+    def decode_executor(self) -> Executor | None:
+        """The decoding processes (``[worker] decode_workers``), started with the first
+        series and kept, so no series pays their start-up but the first."""
+        if not self._decode_pool_made:
+            self._decode_pool_made = True
+            self._decode_pool = decode_pool(self.config.worker.decode_workers)
+        return self._decode_pool
+
+    def close(self) -> None:
+        """Stop the decoding processes (the worker loop does this when it ends)."""
+        pool, self._decode_pool, self._decode_pool_made = self._decode_pool, None, False
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
     def run_once(self) -> int | None:
         """Claim and process one job; return its id, or None when nothing was due."""
@@ -231,21 +249,27 @@ class Worker(NodePart):
             _ = self.predictor  # load the model before the first series arrives
         except Exception:
             logger.exception("cannot load the model; the worker will retry per job")
+        if self.decode_executor is not None:  # and start the decoding processes
+            n = decode_workers(self.config.worker.decode_workers)
+            logger.info("%d processes decode compressed slices", n)
         guard = self.loop_guard("worker")
-        while not stop.is_set():
-            guard.configure(self.config.backoff.initial_s, self.config.backoff.max_s)
-            try:
-                if self.faults.disk.active and not self.space_for_results():
-                    stop.wait(guard.backoff.next_delay())  # still full: claim nothing
+        try:
+            while not stop.is_set():
+                guard.configure(self.config.backoff.initial_s, self.config.backoff.max_s)
+                try:
+                    if self.faults.disk.active and not self.space_for_results():
+                        stop.wait(guard.backoff.next_delay())  # still full: claim nothing
+                        continue
+                    job_id = self.run_once()
+                    guard.succeeded()
+                    if job_id is not None:
+                        continue
+                except Exception as exc:  # database unavailable, disk full, ...: back off
+                    stop.wait(guard.failed(exc, "worker loop error"))
                     continue
-                job_id = self.run_once()
-                guard.succeeded()
-                if job_id is not None:
-                    continue
-            except Exception as exc:  # database unavailable, disk full, ...: back off
-                stop.wait(guard.failed(exc, "worker loop error"))
-                continue
-            stop.wait(self.config.worker.poll_interval_s)
+                stop.wait(self.config.worker.poll_interval_s)
+        finally:
+            self.close()
         logger.info("worker %s stopped", self.owner)
 
     def space_for_results(self) -> bool:
@@ -320,6 +344,7 @@ class Worker(NodePart):
                     self.config.results,
                     uids=result_uids(series_uid),
                     instance_number=instance_number,
+                    decode_workers=self.decode_executor or 0,
                     after_stage=lease.check,
                 )
                 lease.check("write")  # before recording: nothing is recorded for a lost job

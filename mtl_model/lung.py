@@ -162,26 +162,42 @@ def _fill_holes(
     Small 2-D holes are vessels and nodules that enter the lung from elsewhere; large
     ones are mostly the diaphragm dome, which the lung base rings in axial slices but
     which is open to the abdomen in 3-D (so the 3-D fill leaves it out as it should).
+    A hole is background (face-connected) that does not reach the volume's faces, or in
+    2-D the slice's edges. Whole-volume work stays in SimpleITK or in plain boolean numpy:
+    a per-voxel label lookup in numpy took 1.6 of the 3.6 s of a 255-slice series.
     """
     background = ~mask
     cc3 = sitk.ConnectedComponent(_image(background.view(np.uint8), spacing), False)
     labels3 = sitk.GetArrayViewFromImage(cc3)  # a view: ``cc3`` stays alive
-    outside = np.zeros(_max_label(cc3) + 1, dtype=bool)
-    for face in (labels3[0], labels3[-1], labels3[:, 0], labels3[:, -1]):
-        outside[face.ravel()] = True
-    outside[labels3[:, :, 0].ravel()] = True
-    outside[labels3[:, :, -1].ravel()] = True
-    holes = ~outside[labels3]
+    faces = np.concatenate(
+        [
+            labels3[0].ravel(),
+            labels3[-1].ravel(),
+            labels3[:, 0].ravel(),
+            labels3[:, -1].ravel(),
+            labels3[:, :, 0].ravel(),
+            labels3[:, :, -1].ravel(),
+        ]
+    )
+    outside = np.unique(faces[faces > 0])
+    if outside.size <= 8:  # the usual case: one or two regions reach the faces
+        holes = background.copy()
+        for label in outside:
+            holes &= labels3 != label
+    else:
+        reaches = np.zeros(_max_label(cc3) + 1, dtype=bool)
+        reaches[outside] = True
+        holes = background & ~reaches[labels3]
 
-    cc2 = sitk.ConnectedComponent(sitk.GetImageFromArray(_mosaic(background)), False)
-    labels2 = _unmosaic(sitk.GetArrayViewFromImage(cc2), mask.shape)
-    sizes = np.bincount(labels2.ravel())
-    max_pixels = max_hole_area_mm2 / (spacing[1] * spacing[2])
-    small = sizes <= max_pixels
-    small[0] = False
-    for edge in (labels2[:, 0], labels2[:, -1], labels2[:, :, 0], labels2[:, :, -1]):
-        small[edge.ravel()] = False
-    return np.asarray(mask | holes | small[labels2])
+    # per slice: the mosaic's empty separator rows join every slice's edge to the border
+    mosaic = _mosaic(mask.view(np.uint8))
+    filled2 = sitk.BinaryFillhole(sitk.GetImageFromArray(mosaic), False, 1)
+    holes2 = sitk.GetArrayFromImage(filled2) != mosaic  # enclosed in their slice
+    cc2 = sitk.ConnectedComponent(sitk.GetImageFromArray(holes2.view(np.uint8)), False)
+    max_pixels = int(max_hole_area_mm2 / (spacing[1] * spacing[2]))
+    large = sitk.RelabelComponent(cc2, max_pixels + 1)  # only holes above the area remain
+    small = holes2 & (sitk.GetArrayViewFromImage(large) == 0)
+    return np.asarray(mask | holes | _unmosaic(small, mask.shape))
 
 
 def lung_mask(

@@ -214,3 +214,28 @@ def test_multiframe_ct_matches_single_frame(multiframe_ct, noncovid_volume, tmp_
     ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE_STORAGE
     vol2 = load_series([ds])
     np.testing.assert_array_equal(vol2.hu, noncovid_volume.hu)
+
+
+def test_decoding_processes_are_started_once_and_reused(covid_files: list[Path]) -> None:
+    """The worker's pool (`[worker] decode_workers`): started and warmed before the first
+    series, the same processes for every series, the same volume as the serial path."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dicom_node.volume import _decoder_ready, decode_pool, decode_workers
+
+    assert decode_pool(0) is None and decode_pool(1) is None
+    assert decode_workers(3) == 3 and 1 <= decode_workers(-1) <= 8
+    assert decode_workers(-1, persistent=False) in (0, 8)  # one-off pools need 8 cores
+    pool = decode_pool(2)
+    assert isinstance(pool, ProcessPoolExecutor)
+    try:
+        pids = {f.result() for f in [pool.submit(_decoder_ready, 0.5) for _ in range(2)]}
+        serial = load_series(covid_files[:20]).hu
+        np.testing.assert_array_equal(load_series(covid_files[:20], workers=pool).hu, serial)
+        np.testing.assert_array_equal(
+            load_series(covid_files[20:40], workers=pool).hu, load_series(covid_files[20:40]).hu
+        )
+        again = {f.result() for f in [pool.submit(_decoder_ready, 0.5) for _ in range(2)]}
+        assert len(pids) == 2 and again == pids  # kept, not restarted per series
+    finally:
+        pool.shutdown()
