@@ -4,8 +4,9 @@
     python benchmarks/train.py                       # CPU: widths 8 and 16, bf16 + fp32
     python benchmarks/train.py --device cuda --widths 64 --batch 32 --precision bf16
 
-Prints one line per configuration and, with ``--json``, writes them all. Numbers on a
-shared CPU depend on what else runs; the line says how many threads were used.
+Prints one line per configuration, then one JSON object with every figure and the machine
+(CPU model and flags, threads, GPU), which ``--json`` also writes. Numbers on a shared CPU
+depend on what else runs; the line says how many threads were used.
 """
 
 from __future__ import annotations
@@ -122,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['threads']} threads)",
                     flush=True,
                 )
+    from predictor import machine  # benchmarks/, this script's folder
+
+    figures = {"machine": machine(), "results": results}
+    print(json.dumps(figures))
     if a.json:
-        a.json.write_text(json.dumps(results, indent=2) + "\n")
+        a.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 
