@@ -127,13 +127,22 @@ def machine() -> dict[str, Any]:
     return predictor_machine()
 
 
-def synthesize_series(sources: list[Path], out_dir: Path, n_slices: int) -> list[Path]:
-    """`n_slices` slices over the extent of `sources`, each from its nearest real slice."""
+def synthesize_series(
+    sources: list[Path], out_dir: Path, n_slices: int, spacing: float | None = None
+) -> list[Path]:
+    """`n_slices` slices over the extent of `sources`, each from its nearest real slice.
+
+    With `spacing` (mm) the slices start at the lowest source position and go up by that
+    step instead: a single source slice then makes a whole series.
+    """
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
     order = np.argsort([float(h.ImagePositionPatient[2]) for h in headers])
     sources = [sources[i] for i in order]
     z = np.array([float(headers[i].ImagePositionPatient[2]) for i in order])
-    new_z = np.linspace(z[0], z[-1], n_slices)
+    if spacing is None:
+        new_z = np.linspace(z[0], z[-1], n_slices)
+    else:
+        new_z = z[0] + spacing * np.arange(n_slices)
     nearest = np.abs(new_z[:, None] - z[None, :]).argmin(axis=1)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +183,16 @@ def make_checkpoint(width: int, path: Path) -> Path:
         notes="random weights, benchmark only",
     )
     return save_checkpoint(model, meta, path)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the node's orderly stop), then SIGKILL after 60 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def wait(predicate: Any, timeout: float, what: str, step: float = 0.2) -> Any:
@@ -424,12 +443,7 @@ poll_interval_s = 0.2
         if pacs_server is not None:
             pacs_server.shutdown()
         for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(proc)
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
