@@ -195,6 +195,33 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
 
 
+def start_node(work: Path, config: Path, port: int) -> subprocess.Popen[bytes]:
+    """`ctmtl-node serve --config CONFIG` as a separate process, its log in work/node.log;
+    returns once it answers C-ECHO on `port` (or raises with the log's last lines if it
+    exits first)."""
+    log = work / "node.log"
+    node = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    peer = Peer("CTMTL", "127.0.0.1", port, "BENCHSCU", 5)
+
+    def answers() -> bool:
+        if node.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"the node exited ({node.returncode}): " + " | ".join(tail))
+        return bool(echo(peer)[0])
+
+    try:
+        wait(answers, 120, "the node to answer C-ECHO", step=0.5)
+    except BaseException:
+        stop(node)
+        raise
+    return node
+
+
 def wait(predicate: Any, timeout: float, what: str, step: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -347,25 +374,8 @@ decode_workers = {args.decode_workers}
 [export]
 poll_interval_s = 0.2
 """)
+        procs.append(start_node(work, config, node_port))
         log = work / "node.log"
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
-                cwd=REPO,
-                stdout=subprocess.DEVNULL,
-                stderr=log.open("wb"),
-            )
-        )
-        peer = Peer("CTMTL", "127.0.0.1", node_port, "BENCHSCU", 5)
-        node = procs[-1]
-
-        def answers() -> bool:
-            if node.poll() is not None:
-                tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-                raise RuntimeError(f"the node exited ({node.returncode}): " + " | ".join(tail))
-            return bool(echo(peer)[0])
-
-        wait(answers, 120, "the node to answer C-ECHO", step=0.5)
         db = Database(f"sqlite:///{work / 'spool' / 'ctmtl-node.db'}")
         wait(lambda: "model loaded" in log.read_text(), 300, "the model to load", step=0.5)
 

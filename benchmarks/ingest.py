@@ -33,7 +33,6 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,12 +42,11 @@ from typing import Any
 import pydicom
 
 # e2e.py: this script's folder (on sys.path); importing it puts the repository there too
-from e2e import REPO, data_root, free_port, machine, send, stop, synthesize_series, wait
+from e2e import data_root, free_port, machine, send, start_node, stop, synthesize_series
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import func, select
 
 from dicom_node.db import Database, Instance, Series
-from dicom_node.export import Peer, echo
 
 SOURCE = "dicom/lung-pet-ct-dx-a0002"
 SPACING_MM = 1.0
@@ -170,23 +168,7 @@ enabled = false
 [export]
 enabled = false
 """)
-        log = work / "node.log"
-        node = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("wb"),
-        )
-        peer = Peer("CTMTL", "127.0.0.1", port, "BENCHSCU", 5)
-        running = node
-
-        def answers() -> bool:
-            if running.poll() is not None:
-                tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-                raise RuntimeError(f"the node exited ({running.returncode}): " + " | ".join(tail))
-            return bool(echo(peer)[0])
-
-        wait(answers, 120, "the node to answer C-ECHO", step=0.5)
+        node = start_node(work, config, port)
         print(f"node: port {port}, worker and exporter disabled")
         db = Database(f"sqlite:///{work / 'spool' / 'ctmtl-node.db'}")
         try:

@@ -474,6 +474,7 @@ def decode_pool(setting: int) -> Executor | None:
         logger.warning("decoding processes did not start (%s); decoding in the worker", exc)
         pool.shutdown(cancel_futures=True)
         return None
+    logger.info("%d processes decode compressed slices", n)
     return pool
 
 

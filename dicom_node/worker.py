@@ -69,7 +69,7 @@ from dicom_node.parts import NodePart
 from dicom_node.results import ResultUIDs
 from dicom_node.scrub import identifying_values, scrub
 from dicom_node.spool import Spool
-from dicom_node.volume import SeriesRejected, decode_pool, decode_workers
+from dicom_node.volume import SeriesRejected, decode_pool
 
 logger = logging.getLogger(__name__)
 
@@ -249,9 +249,7 @@ class Worker(NodePart):
             _ = self.predictor  # load the model before the first series arrives
         except Exception:
             logger.exception("cannot load the model; the worker will retry per job")
-        if self.decode_executor is not None:  # and start the decoding processes
-            n = decode_workers(self.config.worker.decode_workers)
-            logger.info("%d processes decode compressed slices", n)
+        _ = self.decode_executor  # and start the decoding processes
         guard = self.loop_guard("worker")
         try:
             while not stop.is_set():

@@ -166,28 +166,8 @@ def _fill_holes(
     2-D the slice's edges. Whole-volume work stays in SimpleITK or in plain boolean numpy:
     a per-voxel label lookup in numpy took 1.6 of the 3.6 s of a 255-slice series.
     """
-    background = ~mask
-    cc3 = sitk.ConnectedComponent(_image(background.view(np.uint8), spacing), False)
-    labels3 = sitk.GetArrayViewFromImage(cc3)  # a view: ``cc3`` stays alive
-    faces = np.concatenate(
-        [
-            labels3[0].ravel(),
-            labels3[-1].ravel(),
-            labels3[:, 0].ravel(),
-            labels3[:, -1].ravel(),
-            labels3[:, :, 0].ravel(),
-            labels3[:, :, -1].ravel(),
-        ]
-    )
-    outside = np.unique(faces[faces > 0])
-    if outside.size <= 8:  # the usual case: one or two regions reach the faces
-        holes = background.copy()
-        for label in outside:
-            holes &= labels3 != label
-    else:
-        reaches = np.zeros(_max_label(cc3) + 1, dtype=bool)
-        reaches[outside] = True
-        holes = background & ~reaches[labels3]
+    filled3 = sitk.BinaryFillhole(_image(mask.view(np.uint8), spacing), False, 1)
+    filled = sitk.GetArrayViewFromImage(filled3).astype(bool)  # the mask and its 3-D holes
 
     # per slice: the mosaic's empty separator rows join every slice's edge to the border
     mosaic = _mosaic(mask.view(np.uint8))
@@ -197,7 +177,7 @@ def _fill_holes(
     max_pixels = int(max_hole_area_mm2 / (spacing[1] * spacing[2]))
     large = sitk.RelabelComponent(cc2, max_pixels + 1)  # only holes above the area remain
     small = holes2 & (sitk.GetArrayViewFromImage(large) == 0)
-    return np.asarray(mask | holes | _unmosaic(small, mask.shape))
+    return np.asarray(filled | _unmosaic(small, mask.shape))
 
 
 def lung_mask(

@@ -81,14 +81,14 @@ def main() -> None:
             assert one_mask is not None
             _save(to_grid_uint8(one, size)[0, 0].numpy(), box / "images" / img.name)
             _save(masks_to_grid(one_mask, size)[0, 0].numpy() * 255, box / "masks" / img.name)
-        (box / LUNG_BOX_MARKER).write_text("cut to the lung box by scripts/pack_data.py --cut\n")
         box = out / "luna16-3-box"
         for patient in sorted(p for p in (src / "luna16-3").iterdir() if p.is_dir()):
             files = stack_slices(patient)
             cut, _ = cut_to_lung_box([read_gray_image(f) for f in files])
             for f, grid in zip(files, to_grid_uint8(cut, size)[:, 0].numpy(), strict=True):
                 _save(grid, box / patient.name / f.name)
-        (box / LUNG_BOX_MARKER).write_text("cut to the lung box by scripts/pack_data.py --cut\n")
+        for box in (out / "medseg-100-box", out / "luna16-3-box"):
+            (box / LUNG_BOX_MARKER).write_text("cut by scripts/pack_data.py --cut\n")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"packed {src} onto {size}x{size} in {out}: {total / 2**20:.1f} MiB")
 
