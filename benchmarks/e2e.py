@@ -168,21 +168,38 @@ def synthesize_series(
     return paths
 
 
-def make_checkpoint(width: int, path: Path) -> Path:
+def make_checkpoint(width: int, path: Path, like: Path | None = None) -> Path:
+    """Random weights: the paper's network at ``width``, or the network and preprocessing
+    that ``like`` describes (a checkpoint, or its metadata as JSON where the weights cannot
+    travel), so that a lent GPU times the shipped architecture (its lung-box classifier)."""
     import torch
 
-    from mtl_model import CheckpointMetadata, build_model, save_checkpoint
+    from mtl_model import CheckpointMetadata, read_metadata, save_checkpoint
     from mtl_model.checkpoint import ArchitectureSpec
 
     torch.manual_seed(0)
     tasks = ["segmentation", "classification"]
-    model = build_model("mtl", base_width=width, input_size=256, tasks=tasks)
-    meta = CheckpointMetadata(
-        architecture=ArchitectureSpec(name="mtl", base_width=width, input_size=256, tasks=tasks),
-        model_version=f"benchmark-random-w{width}",
-        notes="random weights, benchmark only",
-    )
-    return save_checkpoint(model, meta, path)
+    if like is not None:
+        src = (
+            CheckpointMetadata.model_validate_json(like.read_text())
+            if like.suffix == ".json"
+            else read_metadata(like)
+        )
+        arch = src.architecture.model_copy(update={"tasks": tasks})
+        meta = CheckpointMetadata(
+            architecture=arch,
+            preprocessing=src.preprocessing,
+            model_version=f"benchmark-random-like-{src.model_version}",
+            notes="random weights, benchmark only",
+        )
+    else:
+        arch = ArchitectureSpec(name="mtl", base_width=width, input_size=256, tasks=tasks)
+        meta = CheckpointMetadata(
+            architecture=arch,
+            model_version=f"benchmark-random-w{width}",
+            notes="random weights, benchmark only",
+        )
+    return save_checkpoint(arch.build(), meta, path)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -281,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=64, help="network base width (paper: 64)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     parser.add_argument("--checkpoint", help="use this checkpoint instead of random weights")
+    parser.add_argument(
+        "--like",
+        type=Path,
+        help="random weights shaped like this checkpoint (or its metadata JSON), instead "
+        "of the paper's network at --width",
+    )
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=16, help="predictor batch size")
     parser.add_argument(
@@ -316,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = (
             Path(args.checkpoint).resolve()  # the node reads paths from its config's folder
             if args.checkpoint
-            else make_checkpoint(args.width, work / f"random-w{args.width}.safetensors")
+            else make_checkpoint(args.width, work / f"random-w{args.width}.safetensors", args.like)
         )
 
         pacs_port, node_port = free_port(), free_port()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -107,7 +108,9 @@ def build_seg(
     layers = [lesion] if lung is None else [lesion, lung]
     # (Z, Y, X, segments) as a view of a segment-major array: highdicom's overlap check
     # sums over the segment axis, several times faster in this memory layout
-    stacked = np.stack([np.asarray(m, dtype=np.uint8) for m in layers], axis=0)
+    stacked = np.empty((len(layers), *lesion.shape), dtype=np.uint8)
+    for out, m in zip(stacked, layers, strict=True):
+        out[...] = m  # one pass each, no intermediate copies
     stacked = volume.source_order(stacked.transpose(1, 2, 3, 0))
     source = volume.datasets[0]
     with quiet_source_warnings():
@@ -133,6 +136,35 @@ def build_seg(
     return seg
 
 
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation with a cheaper segment-overlap check for our one case.
+
+    For a 4-D uint8 stack highdicom sums over the segment axis in int64 to see whether
+    segments overlap: 1.6 of 3.8 s of a 255-slice SEG with the lung segment. The same test
+    in uint8 (two segments cannot sum past 255) gives the same answer. Any other input, or
+    a highdicom whose private hook has another signature, takes highdicom's own path.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(
+        cls, pixel_array: Any, segment_numbers: Any, segmentation_type: Any, dtype: Any
+    ) -> Any:
+        fast = (
+            isinstance(pixel_array, np.ndarray)
+            and pixel_array.ndim == 4
+            and pixel_array.dtype == np.uint8
+            and 1 < pixel_array.shape[-1] == len(segment_numbers) < 256
+            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+        )
+        if not fast or int(pixel_array.max()) > 1:  # highdicom raises its own error
+            return super()._check_and_cast_pixel_array(
+                pixel_array, segment_numbers, segmentation_type, dtype
+            )
+        overlap = bool((pixel_array.sum(axis=-1, dtype=np.uint8) > 1).any())
+        values = hd.seg.SegmentsOverlapValues
+        return pixel_array, values.YES if overlap else values.NO
+
+
 def _segmentation(
     volume: CTVolume,
     stacked: np.ndarray,
@@ -144,7 +176,7 @@ def _segmentation(
     sop_instance_uid: str,
     instance_number: int,
 ) -> hd.seg.Segmentation:
-    return hd.seg.Segmentation(
+    return _Segmentation(
         source_images=volume.datasets,
         pixel_array=stacked,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,

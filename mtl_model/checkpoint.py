@@ -75,6 +75,10 @@ class ArchitectureSpec(BaseModel):
     classifier_pooling: ClassifierPooling = PAPER_POOLING
     # "image_cnn8" only: base width of that classifier (None = base_width).
     classifier_width: int | None = Field(None, ge=1)
+    # "image_cnn8" only: that many CNN8s averaged, and each slice's mirror with them
+    # (mtl_model.network). Older checkpoints have one CNN8 and no mirror.
+    classifier_members: int = Field(1, ge=1)
+    classifier_flip: bool = False
 
     @field_validator("tasks")
     @classmethod
@@ -92,6 +96,8 @@ class ArchitectureSpec(BaseModel):
             self.tasks if tasks is None else tasks,
             self.classifier_pooling,
             self.classifier_width,
+            self.classifier_members,
+            self.classifier_flip,
         )
 
 

@@ -27,7 +27,10 @@ may be partly missed; the trachea and main bronchi are included (tens of mL).
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,6 +43,7 @@ DEFAULT_SECOND_COMPONENT_RATIO = 0.1
 DEFAULT_MIN_COMPONENT_ML = 50.0
 DEFAULT_MAX_HOLE_AREA_MM2 = 500.0
 COARSE_SPACING_MM = 2.0
+MAX_THREADS = 8  # for the slice-by-slice steps
 
 Box = tuple[slice, slice, slice]
 
@@ -65,6 +69,17 @@ def _mosaic(volume: np.ndarray) -> np.ndarray:
 def _unmosaic(mosaic: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     z, y, x = shape
     return mosaic.reshape(z, y + 1, x)[:, :y]
+
+
+def _per_slice(fn: Callable[[np.ndarray], np.ndarray], volume: np.ndarray) -> np.ndarray:
+    """``fn`` (a slice-by-slice operation on a (Z, Y, X) array) on chunks of slices in
+    threads: SimpleITK filters release the GIL, and these 2-D steps were single-threaded
+    (2 threads: 0.45x the time of one on a 2-core machine)."""
+    workers = min(MAX_THREADS, os.cpu_count() or 1, max(1, volume.shape[0] // 16))
+    if workers == 1:
+        return fn(volume)
+    with ThreadPoolExecutor(workers, thread_name_prefix="lung-mask") as pool:
+        return np.concatenate(list(pool.map(fn, np.array_split(volume, workers))))
 
 
 def _max_label(image: sitk.Image) -> int:
@@ -104,6 +119,26 @@ def _bounding_box(
         margin = int(np.ceil(margin_mm / spacing[axis]))
         box.append(slice(max(0, hit[0] - margin), min(mask.shape[axis], hit[-1] + 1 + margin)))
     return box[0], box[1], box[2]
+
+
+def _inner_box(
+    kept: np.ndarray, spacing: tuple[float, float, float], margin_mm: float
+) -> Box | None:
+    """The box of the kept lungs inside the air's box, so that closing and hole filling
+    work on less (about half the voxels on a chest CT), with the same result: its start
+    lies on the coarse grid of :func:`_close` and its size is whole coarse blocks (or it
+    ends where the outer box ends), so the closing sees the same coarse voxels, and the
+    margin keeps every hole's contact with the faces as it was."""
+    box = _bounding_box(kept, spacing, margin_mm)
+    if box is None:
+        return None
+    factors = [max(1, round(COARSE_SPACING_MM / s)) for s in spacing]
+    out = []
+    for b, f, n in zip(box, factors, kept.shape, strict=True):
+        start = (b.start // f) * f
+        stop = min(n, start + -(-(b.stop - start) // f) * f)
+        out.append(slice(start, stop))
+    return out[0], out[1], out[2]
 
 
 def _largest_components(
@@ -154,6 +189,22 @@ def _close(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: flo
     return mask | up
 
 
+def _small_holes_2d(mask: np.ndarray, max_pixels: int) -> np.ndarray:
+    """Per slice, background enclosed in its slice with at most ``max_pixels`` pixels.
+
+    One face-connected labelling of the mosaic's background: the empty separator rows join
+    every slice's edge to the mosaic border, so all background that reaches an edge is one
+    large component, and what is left after dropping components above ``max_pixels`` is
+    exactly the small enclosed holes. (Filling holes on the mosaic and labelling them
+    afterwards gave the same masks in about three times the time.)
+    """
+    background = _mosaic(mask.view(np.uint8)) == 0
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(background.view(np.uint8)), False)
+    large = sitk.RelabelComponent(cc, max_pixels + 1)  # only components above the area remain
+    small = background & (sitk.GetArrayViewFromImage(large) == 0)
+    return np.asarray(_unmosaic(small, mask.shape))
+
+
 def _fill_holes(
     mask: np.ndarray, spacing: tuple[float, float, float], max_hole_area_mm2: float
 ) -> np.ndarray:
@@ -168,16 +219,8 @@ def _fill_holes(
     """
     filled3 = sitk.BinaryFillhole(_image(mask.view(np.uint8), spacing), False, 1)
     filled = sitk.GetArrayViewFromImage(filled3).astype(bool)  # the mask and its 3-D holes
-
-    # per slice: the mosaic's empty separator rows join every slice's edge to the border
-    mosaic = _mosaic(mask.view(np.uint8))
-    filled2 = sitk.BinaryFillhole(sitk.GetImageFromArray(mosaic), False, 1)
-    holes2 = sitk.GetArrayFromImage(filled2) != mosaic  # enclosed in their slice
-    cc2 = sitk.ConnectedComponent(sitk.GetImageFromArray(holes2.view(np.uint8)), False)
     max_pixels = int(max_hole_area_mm2 / (spacing[1] * spacing[2]))
-    large = sitk.RelabelComponent(cc2, max_pixels + 1)  # only holes above the area remain
-    small = holes2 & (sitk.GetArrayViewFromImage(large) == 0)
-    return np.asarray(filled | _unmosaic(small, mask.shape))
+    return np.asarray(filled | _per_slice(lambda m: _small_holes_2d(m, max_pixels), mask))
 
 
 def lung_mask(
@@ -198,7 +241,7 @@ def lung_mask(
     if len(spacing) != 3 or any(s <= 0 for s in spacing):
         raise ValueError(f"spacing must be three positive values, got {spacing}")
     t0 = time.perf_counter()
-    inside = _remove_border_air(np.asarray(hu) < threshold)
+    inside = _per_slice(_remove_border_air, np.asarray(hu) < threshold)
     t1 = time.perf_counter()
     lungs = np.zeros(inside.shape, dtype=bool)
     box = _bounding_box(inside, spacing, closing_radius_mm + 2 * COARSE_SPACING_MM)
@@ -206,6 +249,12 @@ def lung_mask(
         logger.debug("lung mask: no lung-like air found")
         return lungs
     crop = _largest_components(inside[box], spacing, second_component_ratio, min_component_ml)
+    inner = _inner_box(crop, spacing, closing_radius_mm + 2 * COARSE_SPACING_MM)
+    if inner is not None:
+        crop = crop[inner]
+        box = tuple(
+            slice(o.start + i.start, o.start + i.stop) for o, i in zip(box, inner, strict=True)
+        )  # type: ignore[assignment]
     t2 = time.perf_counter()
     crop = _close(crop, spacing, closing_radius_mm)
     t3 = time.perf_counter()

@@ -78,9 +78,11 @@ PY
 }
 step imports imports
 
+like=()  # random weights of the shipped architecture, where pack_e2e.py wrote it
+[ -f "$BUNDLE/like.json" ] && like=(--like "$BUNDLE/like.json")
 e2e() {
   rm -rf "$WORK"
-  timeout -s INT -k 20 150 "$PY" benchmarks/e2e.py --width 64 --device "$DEVICE" \
+  timeout -s INT -k 20 150 "$PY" benchmarks/e2e.py --width 64 "${like[@]}" --device "$DEVICE" \
     --batch "$BATCH" --slices "$SLICES" --data "$BUNDLE/data" --workdir "$WORK" \
     --json "$OUT/e2e_$DEVICE.json" 2>&1 | tee "$OUT/e2e.log"
   local rc=$?

@@ -25,7 +25,7 @@
 # A dry run on the CPU: DEVICE=cpu MAX_MINUTES=0.2 OUT=/tmp/out bash scripts/gpu_release.sh ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { echo "usage: gpu_release.sh CONFIG.toml [CONFIG.toml ...]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: gpu_release.sh CONFIG.toml[@SEED] [CONFIG.toml[@SEED] ...]" >&2; exit 2; }
 OUT="${OUT:?OUT (the folder that comes back) is not set}"
 export PYTHONUNBUFFERED=1 CTMTL_DATA="${CTMTL_DATA:-$PWD/.gpu/data}"
 PY=python3
@@ -42,11 +42,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee
 stage="$(mktemp -d)"
 pids=()
 names=()
-for config in "$@"; do
+for spec in "$@"; do
+  # CONFIG.toml@SEED trains that config with another seed, as run NAME_sSEED
+  config="${spec%@*}"
   name="$(basename "$config" .toml)"
+  seed=()
+  if [ "$spec" != "$config" ]; then name="${name}_s${spec##*@}"; seed=(--seed "${spec##*@}"); fi
   mkdir -p "$stage/$name"
   $PY -m training.cli fit --config "$config" --out "runs/$name" --device "${DEVICE:-cuda}" \
-    --no-progress "${extra[@]}" >"$stage/$name/fit.log" 2>&1 &
+    --no-progress "${extra[@]}" "${seed[@]}" >"$stage/$name/fit.log" 2>&1 &
   pids+=($!)
   names+=("$name")
 done

@@ -13,6 +13,8 @@ packages. This writes, under a 64 MiB transfer limit:
 - `data/dicom/ricord-1a-covid-chest-ct/`: every `--every`-th slice (by position, first and
   last kept) of the shared RICORD COVID-19 series, the source `benchmarks/e2e.py
   --data .gpu2/data` synthesizes its series from (nearest real slice for each position);
+- `like.json`: the shipped release's metadata (no weights: they are over the limit), so
+  that `benchmarks/e2e.py --like` times random weights of the shipped architecture;
 - `MANIFEST.txt`: the packages, the slices and the sizes.
 
 It checks that each `dependencies` entry of pyproject.toml and each requirement of a packed
@@ -224,6 +226,10 @@ def main() -> None:
     args.out.mkdir(parents=True)
     pack_site(wheels, args.out / "site.tar.xz")
     slices = pack_series(data / SERIES, args.out / "data" / SERIES, args.every)
+    from mtl_model import default_checkpoint_path, read_metadata
+
+    release = read_metadata(default_checkpoint_path())
+    (args.out / "like.json").write_text(release.model_dump_json(indent=1))
 
     manifest = io.StringIO()
     manifest.write(f"# scripts/pack_e2e.py --every {args.every}, CPython {args.python_version}\n")
@@ -231,6 +237,7 @@ def main() -> None:
         manifest.write(f"wheel {wheel.name} {wheel.stat().st_size}\n")
     manifest.write(f"site.tar.xz {(args.out / 'site.tar.xz').stat().st_size}\n")
     manifest.write(f"series {SERIES}: {len(slices)} slices {' '.join(slices)}\n")
+    manifest.write(f"like.json: release {release.model_version}\n")
     (args.out / "MANIFEST.txt").write_text(manifest.getvalue())
     total = size(args.out)
     print(manifest.getvalue(), end="")

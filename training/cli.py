@@ -47,6 +47,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         cfg.train.max_minutes = args.max_minutes
     if args.precision is not None:
         cfg.train.precision = args.precision
+    if args.seed is not None:
+        cfg.seed = args.seed
     try:
         res = fit(
             cfg,
@@ -129,7 +131,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_compose(args: argparse.Namespace) -> int:
     from training.export import compose_checkpoint
 
-    path = compose_checkpoint(args.segmentation, args.classification, args.out)
+    path = compose_checkpoint(args.segmentation, args.classification, args.out, flip=args.flip)
     print(json.dumps({"composed": str(path), "bytes": path.stat().st_size}))
     return 0
 
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     f.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     f.add_argument("--max-minutes", type=float, default=None, help="override train.max_minutes")
+    f.add_argument("--seed", type=int, default=None, help="override seed (ensemble members)")
     f.add_argument(
         "--stop-after", type=int, default=None, help="pause after this epoch (resumable)"
     )
@@ -213,10 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="join an mtl checkpoint's lesion network and an 8-layer CNN classifier",
         description="Write one mtl checkpoint (float32) whose encoder and lesion decoder come "
         "from --segmentation and whose classifier (T3, classifier_pooling 'image_cnn8') is "
-        "the 8-layer CNN of --classification; export it with 'export --checkpoint'.",
+        "the 8-layer CNN of --classification (or the mean of several, and with --flip of "
+        "each slice's mirror too); export it with 'export --checkpoint'.",
     )
     c.add_argument("--segmentation", required=True, type=Path, help="mtl checkpoint")
-    c.add_argument("--classification", required=True, type=Path, help="cnn8 checkpoint")
+    c.add_argument(
+        "--classification",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="cnn8 checkpoint(s); several of one width make an ensemble (mean logit)",
+    )
+    c.add_argument(
+        "--flip", action="store_true", help="the classifier also sees each slice mirrored"
+    )
     c.add_argument("--out", required=True, type=Path, help="composed checkpoint file")
     c.set_defaults(func=_cmd_compose)
     return p

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from mtl_model import (
     new_device_uid,
     save_checkpoint,
 )
-from mtl_model.checkpoint import CheckpointMetadata
+from mtl_model.checkpoint import ArchitectureSpec, CheckpointMetadata
 from training.config import ExperimentConfig, default_data_root, load_config
 from training.evaluate import evaluate
 
@@ -171,48 +172,82 @@ def export_release(
     return path
 
 
-def compose_checkpoint(
-    segmentation_from: str | Path, classification_from: str | Path, out: str | Path
-) -> Path:
-    """One mtl checkpoint from two: the encoder and lesion decoder of ``segmentation_from``
-    and, as T3 (``classifier_pooling = "image_cnn8"``), the 8-layer CNN of
-    ``classification_from``. Float32, not a release: ``export --checkpoint`` makes that.
-
-    This is how a classifier retrained on a CPU joins a release whose lesion maps stay bit
-    for bit what they were (docs/experiments.md, seventh session).
-    """
-    seg_model, seg_meta = load_checkpoint(segmentation_from, device="cpu")
-    cls_model, cls_meta = load_checkpoint(classification_from, device="cpu")
-    sa, ca = seg_meta.architecture, cls_meta.architecture
-    if sa.name != "mtl" or "segmentation" not in sa.tasks:
-        raise CheckpointError(f"{segmentation_from}: not an mtl checkpoint with a lesion decoder")
-    if ca.name == "cnn8":
-        cls_state = cls_model.state_dict()
-    elif (
-        ca.name == "mtl" and ca.classifier_pooling == "image_cnn8" and "classification" in ca.tasks
+def _cnn8_state(path: str | Path, model: nn.Module, arch: ArchitectureSpec) -> dict[str, Any]:
+    """The 8-layer CNN weights of a cnn8 checkpoint, or of an mtl one's single-CNN8 T3."""
+    if arch.name == "cnn8":
+        return dict(model.state_dict())
+    if (
+        arch.name == "mtl"
+        and arch.classifier_pooling == "image_cnn8"
+        and arch.classifier_members == 1
+        and not arch.classifier_flip
+        and "classification" in arch.tasks
     ):
-        cls_state = {
+        return {
             k.removeprefix("classification."): v
-            for k, v in cls_model.state_dict().items()
+            for k, v in model.state_dict().items()
             if k.startswith("classification.")
         }
-    else:
-        raise CheckpointError(f"{classification_from}: holds no 8-layer CNN classifier")
-    if ca.input_size != sa.input_size or ca.in_channels != sa.in_channels:
-        raise CheckpointError(
-            f"the classifier takes {ca.input_size}x{ca.input_size} slices, the lesion network "
-            f"{sa.input_size}x{sa.input_size}"
-        )
+    raise CheckpointError(f"{path}: holds no single 8-layer CNN classifier")
+
+
+def compose_checkpoint(
+    segmentation_from: str | Path,
+    classification_from: str | Path | Sequence[str | Path],
+    out: str | Path,
+    flip: bool = False,
+) -> Path:
+    """One mtl checkpoint from several: the encoder and lesion decoder of
+    ``segmentation_from`` and, as T3 (``classifier_pooling = "image_cnn8"``), the 8-layer
+    CNN of ``classification_from``, or the mean of several such CNNs of one width (and,
+    with ``flip``, of each slice's mirror too). Float32, not a release: ``export
+    --checkpoint`` makes that.
+
+    This is how classifiers retrained apart join a release whose lesion maps stay bit for
+    bit what they were (docs/experiments.md, seventh and tenth sessions).
+    """
+    members = (
+        [classification_from]
+        if isinstance(classification_from, str | Path)
+        else list(classification_from)
+    )
+    if not members:
+        raise CheckpointError("no classifier checkpoint given")
+    seg_model, seg_meta = load_checkpoint(segmentation_from, device="cpu")
+    sa = seg_meta.architecture
+    if sa.name != "mtl" or "segmentation" not in sa.tasks:
+        raise CheckpointError(f"{segmentation_from}: not an mtl checkpoint with a lesion decoder")
     own_input = {"classifier_input", "lung_box_margin"}  # the classifier's, by design
-    if cls_meta.preprocessing.model_dump(exclude=own_input) != seg_meta.preprocessing.model_dump(
-        exclude=own_input
-    ):
-        raise CheckpointError("the two checkpoints preprocess their input differently")
+    states: list[dict[str, Any]] = []
+    metas: list[CheckpointMetadata] = []
+    widths: set[int] = set()
+    for path in members:
+        cls_model, cls_meta = load_checkpoint(path, device="cpu")
+        ca = cls_meta.architecture
+        states.append(_cnn8_state(path, cls_model, ca))
+        widths.add(ca.base_width if ca.name == "cnn8" else ca.classifier_width or ca.base_width)
+        if ca.input_size != sa.input_size or ca.in_channels != sa.in_channels:
+            raise CheckpointError(
+                f"{path}: the classifier takes {ca.input_size}x{ca.input_size} slices, the "
+                f"lesion network {sa.input_size}x{sa.input_size}"
+            )
+        if cls_meta.preprocessing.model_dump(
+            exclude=own_input
+        ) != seg_meta.preprocessing.model_dump(exclude=own_input):
+            raise CheckpointError(f"{path} and the lesion network preprocess differently")
+        if metas and cls_meta.preprocessing != metas[0].preprocessing:
+            raise CheckpointError(f"{path}: another classifier input than {members[0]}")
+        metas.append(cls_meta)
+    if len(widths) > 1:
+        raise CheckpointError(f"the classifiers have different widths {sorted(widths)}")
+    cls_meta = metas[0]
     arch = sa.model_copy(
         update={
             "tasks": ["segmentation", "classification"],
             "classifier_pooling": "image_cnn8",
-            "classifier_width": ca.classifier_width if ca.name == "mtl" else ca.base_width,
+            "classifier_width": widths.pop(),
+            "classifier_members": len(members),
+            "classifier_flip": flip,
         }
     )
     model = arch.build()
@@ -221,7 +256,10 @@ def compose_checkpoint(
         for k, v in seg_model.state_dict().items()
         if k.startswith(("encoder.", "segmentation."))
     }
-    state |= {f"classification.{k}": v for k, v in cls_state.items()}
+    single = len(members) == 1 and not flip
+    for i, cls_state in enumerate(states):
+        prefix = "classification." if single else f"classification.members.{i}."
+        state |= {f"{prefix}{k}": v for k, v in cls_state.items()}
     model.load_state_dict(state, strict=True)
 
     def source(path: str | Path, meta: CheckpointMetadata) -> dict[str, Any]:
@@ -233,6 +271,12 @@ def compose_checkpoint(
             "metrics": meta.metrics,
         }
 
+    cls_sources = [source(p, m) for p, m in zip(members, metas, strict=True)]
+    cls_version = (
+        "+".join(m.model_version for m in metas)
+        if single
+        else (f"{len(members)}x{metas[0].model_version}" + ("+flip" if flip else ""))
+    )
     meta = CheckpointMetadata(
         architecture=arch,
         preprocessing=seg_meta.preprocessing.model_copy(
@@ -240,11 +284,12 @@ def compose_checkpoint(
         ),
         labels=seg_meta.labels,
         model_name=seg_meta.model_name,
-        model_version=f"0.0.0+{seg_meta.model_version}+{cls_meta.model_version}",
+        model_version=f"0.0.0+{seg_meta.model_version}+{cls_version}",
         training={
             "composed": {
                 "encoder_and_segmentation": source(segmentation_from, seg_meta),
-                "classification": source(classification_from, cls_meta),
+                "classification": cls_sources[0] if single else cls_sources,
+                "classifier_flip": flip,
             },
             "experiment": cls_meta.training.get("experiment", "composed"),
             "data": cls_meta.training.get("data", {}),

@@ -130,6 +130,7 @@ def test_seg_conventions(drawn_result, volume) -> None:
     seg = pydicom.dcmread(result.seg_path)
     src = volume.datasets[0]
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.SegmentsOverlap == "YES"  # the lesion lies inside the lung segment
     assert seg.FrameOfReferenceUID == src.FrameOfReferenceUID
     assert seg.StudyInstanceUID == src.StudyInstanceUID
     assert seg.PatientID == src.PatientID
@@ -300,3 +301,26 @@ def test_result_options_validation() -> None:
         ResultOptions(unknown_key=1)
     opts = ResultOptions(series_disclaimer="")
     assert opts.series_description("sr") == "AI COVID-19 report"
+
+
+def test_segments_overlap_is_highdicoms_answer(lungs) -> None:
+    """The SEG's cheaper overlap check (dicom_node.seg._Segmentation) says what
+    highdicom's own check says: YES with lesions inside the lung, NO when none overlap,
+    and a non-binary stack still gets highdicom's error."""
+    from dicom_node.seg import _Segmentation
+
+    lesion = drawn_lesion(lungs, slice(12, 16)).astype(np.uint8)
+    outside = np.zeros_like(lesion)
+    outside[:, :4, :4] = 1  # a corner of air: no lung there
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    numbers = np.array([1, 2])
+    for first, expect in ((lesion, "YES"), (outside, "NO")):
+        stack = np.stack([first, lungs.astype(np.uint8)], axis=-1)
+        ours = _Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
+        theirs = hd.seg.Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
+        assert ours[1] == theirs[1] == hd.seg.SegmentsOverlapValues[expect]
+        assert ours[0] is stack
+    with pytest.raises(ValueError, match="must be binary"):
+        _Segmentation._check_and_cast_pixel_array(
+            np.stack([lesion * 2, lesion], axis=-1), numbers, binary, np.uint8
+        )

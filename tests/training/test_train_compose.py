@@ -15,7 +15,7 @@ from training.export import compose_checkpoint
 def _save(model: torch.nn.Module, path: Path, name: str, size: int = 64, box: bool = False) -> Path:
     meta = CheckpointMetadata(
         architecture=ArchitectureSpec(
-            name=name, base_width=4, input_size=size, tasks=list(model.tasks)
+            name=name, base_width=model.base_width, input_size=size, tasks=list(model.tasks)
         ),
         preprocessing=PreprocessingSpec(
             input_size=size, classifier_input="lung_box" if box else "slice"
@@ -76,7 +76,47 @@ def test_compose_keeps_both_sources_exactly(tmp_path: Path) -> None:
     other = _save(build_model("cnn8", 4, 128).eval(), tmp_path / "c128.safetensors", "cnn8", 128)
     with pytest.raises(CheckpointError, match="takes 128x128 slices"):
         compose_checkpoint(seg_path, other, tmp_path / "x.safetensors")
-    with pytest.raises(CheckpointError, match="holds no 8-layer CNN"):
+    with pytest.raises(CheckpointError, match="holds no single 8-layer CNN"):
         compose_checkpoint(seg_path, seg_path, tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="not an mtl checkpoint with a lesion decoder"):
         compose_checkpoint(cls_path, cls_path, tmp_path / "x.safetensors")
+
+
+def test_compose_averages_several_classifiers_and_the_mirror(tmp_path: Path) -> None:
+    """An ensemble T3 is the mean logit of its members over the slice and its mirror, reads
+    back through the Predictor, and refuses members that do not fit together."""
+    torch.manual_seed(2)
+    mtl = build_model("mtl", 4, 64, tasks=["segmentation", "classification"]).eval()
+    seg_path = _save(mtl, tmp_path / "mtl.safetensors", "mtl")
+    cnns = [build_model("cnn8", 4, 64).eval() for _ in range(3)]
+    paths = [
+        _save(c, tmp_path / f"cnn{i}.safetensors", "cnn8", box=True) for i, c in enumerate(cnns)
+    ]
+    out = compose_checkpoint(seg_path, paths, tmp_path / "ens.safetensors", flip=True)
+    model, meta = load_checkpoint(out)
+    arch = meta.architecture
+    assert (arch.classifier_members, arch.classifier_flip, arch.classifier_width) == (3, True, 4)
+    assert len(meta.training["composed"]["classification"]) == 3
+    assert meta.model_version.endswith("+3x0.0.0-cnn8+flip")
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        views = [c(v)["classification"] for c in cnns for v in (x, x.flip(-1))]
+        expect = torch.stack(views).mean(0)
+        got = model(x)
+        torch.testing.assert_close(got["classification"], expect, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got["segmentation"], mtl(x)["segmentation"], rtol=0, atol=0)
+        # the mirror matters: a classifier that is not mirror-symmetric changes its mean
+        plain = torch.stack([c(x)["classification"] for c in cnns]).mean(0)
+        assert not torch.allclose(plain, expect)
+    pred = Predictor(out, device="cpu", precision="fp32").predict_unit(x[:, 0].numpy())
+    assert pred.slice_covid_probability == pytest.approx(torch.sigmoid(expect).numpy(), abs=1e-5)
+    wide = _save(build_model("cnn8", 8, 64).eval(), tmp_path / "w8.safetensors", "cnn8", box=True)
+    with pytest.raises(CheckpointError, match="different widths"):
+        compose_checkpoint(seg_path, [paths[0], wide], tmp_path / "x.safetensors")
+    whole = _save(cnns[0], tmp_path / "whole.safetensors", "cnn8", box=False)
+    with pytest.raises(CheckpointError, match="another classifier input"):
+        compose_checkpoint(seg_path, [paths[0], whole], tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="holds no single 8-layer CNN"):
+        compose_checkpoint(seg_path, [out], tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="classifier_members applies"):
+        build_model("mtl", 4, 64, classifier_members=2)
