@@ -238,6 +238,10 @@ class ModelSection(_Section):
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"  # int8: OpenVINO only
     batch_size: int = Field(16, ge=1)
     compile: bool = False
+    # one blank batch through the network at start, so the first series pays no GPU set-up
+    # or compilation; auto: on a GPU only (on a CPU it would lengthen every start by
+    # seconds to gain a fraction of a series' minute)
+    warm_up: Literal["auto", "yes", "no"] = "auto"
 
 
 class MetricsSection(_Section):

@@ -110,7 +110,7 @@ def build_seg(
     # sums over the segment axis, several times faster in this memory layout
     stacked = np.empty((len(layers), *lesion.shape), dtype=np.uint8)
     for out, m in zip(stacked, layers, strict=True):
-        out[...] = m  # one pass each, no intermediate copies
+        out[...] = np.asarray(m, dtype=bool).view(np.uint8)  # a plain copy, no cast
     stacked = volume.source_order(stacked.transpose(1, 2, 3, 0))
     source = volume.datasets[0]
     with quiet_source_warnings():

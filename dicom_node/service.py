@@ -27,6 +27,7 @@ from dicom_node.db import Database
 from dicom_node.export import Exporter
 from dicom_node.metrics import MetricsServer, NodeMetrics
 from dicom_node.redact import mask_secrets
+from dicom_node.results import preload_result_tables
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.worker import PredictorFactory, Worker
@@ -209,7 +210,12 @@ class NodeService:
 
         assert self.worker is not None
         try:
-            _ = self.worker.predictor
+            predictor = self.worker.predictor
+            warm = self.config.model.warm_up
+            device = getattr(getattr(predictor, "device", None), "type", "cpu")
+            if warm == "yes" or (warm == "auto" and device != "cpu"):
+                predictor.warm_up()
+            preload_result_tables()
         except CheckpointError as exc:
             raise StartupError(f"model.checkpoint: {one_line(str(exc))}", exit_code=2) from exc
         except EngineError as exc:  # e.g. engine "openvino" without the package

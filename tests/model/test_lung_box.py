@@ -93,3 +93,16 @@ def test_lung_box_needs_a_classifier_with_its_own_input() -> None:
             architecture=ArchitectureSpec(base_width=4, input_size=64),
             preprocessing=PreprocessingSpec(input_size=64, classifier_input="lung_box"),
         )
+
+
+def test_warm_up_runs_the_lesion_network_and_the_lung_box_classifier() -> None:
+    """The blank batch at start goes through both networks, each with a full batch."""
+    predictor, _ = _box_predictor("lung_box")
+    seen: dict[str, list[int]] = {"model": [], "classifier": []}
+    for name in seen:
+        net = getattr(predictor, name)
+        net.register_forward_hook(
+            lambda m, args, out, name=name: seen[name].append(args[0].shape[0])
+        )
+    assert predictor.warm_up(rows=96, columns=96) > 0
+    assert seen == {"model": [16], "classifier": [16]}

@@ -196,7 +196,8 @@ def base_sections(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "selection": {"min_slices": 8},
         "worker": {"poll_interval_s": 0.2, "retry_delay_s": 0.5},
         "export": {"poll_interval_s": 0.2, "initial_backoff_s": 0.2, "max_backoff_s": 1.0},
-        "model": {"device": "cpu", "batch_size": 8, "engine": "torch"},  # OpenVINO: own tests
+        # OpenVINO: own tests; warm_up "yes" as on a GPU (a tiny network: no cost here)
+        "model": {"device": "cpu", "batch_size": 8, "engine": "torch", "warm_up": "yes"},
         "metrics": {"enabled": True, "port": 0},
     }
     return merge_tables(base, sections)

@@ -109,6 +109,7 @@ def test_one_scp_three_workers_twelve_series(
     workers = [start_worker(node_process, cfg, f"worker{i}") for i in range(3)]
     for proc, url in workers:
         wait_ready(proc, url)
+        assert "predictor warmed up" in proc.log()  # [model] warm_up, before the first job
 
     series: dict[str, list[Path]] = {}
     studies: dict[str, str] = {}
