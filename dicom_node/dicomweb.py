@@ -232,6 +232,9 @@ class DicomWebPeer:
                 chunk_size=_NO_CHUNKING,
                 timeout=self.timeout_s,
             )
+            # one request per attempt: its own retries (5 by default, on any exception)
+            # would multiply the exporter's and hide the outcome of each
+            client.set_http_retry_params(retry=False)
             try:
                 client.store_instances(datasets)
             except requests.exceptions.SSLError as exc:
