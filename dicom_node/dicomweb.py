@@ -124,17 +124,22 @@ def secret_file_readable_by_others(auth: DicomWebAuth) -> bool:
 
 
 class _Session(requests.Session):
-    """A session whose requests keep requests' own Host header.
+    """A session that sends what the destination says, whatever the environment holds.
 
-    dicomweb-client sets `Host` to the URL's host without its port, which makes servers
-    that build URLs from it (Orthanc's RetrieveURL) and virtual hosts on a non-default
-    port answer for the wrong origin.
+    - `verify` (the destination's ca_file) goes with every request: requests lets
+      REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace a session's `verify`, so a CA bundle in
+      the service's environment would silently replace the configured `ca_file`.
+    - requests' own Host header: dicomweb-client sets `Host` to the URL's host without its
+      port, which makes servers that build URLs from it (Orthanc's RetrieveURL) and
+      virtual hosts on a non-default port answer for the wrong origin.
     """
 
     def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
         headers = kwargs.get("headers")
         if headers:
             kwargs["headers"] = {k: v for k, v in headers.items() if str(k).lower() != "host"}
+        if kwargs.get("verify") is None:
+            kwargs["verify"] = self.verify
         return super().request(method, url, *args, **kwargs)
 
 
@@ -328,7 +333,8 @@ class DicomWebPeer:
             ):
                 if marker in text:
                     m = re.search(rf"{marker}[^'\")\]]*", text)
-                    return f"TLS: {m.group(0) if m else marker} ({self.host}:{self.port})"
+                    words = (m.group(0) if m else marker).split(" (_ssl.c")[0].strip()
+                    return f"TLS: {words} ({self.host}:{self.port})"
             return f"TLS handshake failed ({self.host}:{self.port})"
         if isinstance(exc, requests.exceptions.Timeout):
             return f"no answer within {self.timeout_s:g} s ({self.host}:{self.port})"

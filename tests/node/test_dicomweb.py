@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -21,6 +22,8 @@ from typing import Any
 
 import pydicom
 import pytest
+import requests
+from ops.certs import CertPair, make_ca
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -28,7 +31,7 @@ from dicom_node.cli import main
 from dicom_node.config import ConfigError, DicomWebDestination, load_config
 from dicom_node.db import Database, Delivery, DeliveryState, Result
 from dicom_node.export import Exporter, retry_when_answering
-from helpers import StoreSCP, add_done_result, free_port, stop_process, wait_for
+from helpers import StoreSCP, add_done_result, free_port, port_open, stop_process, wait_for
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -361,6 +364,79 @@ def test_a_hung_dicomweb_destination_blocks_no_cstore_destination(
         pipeline_result.seg_sop_instance_uid,
         pipeline_result.sr_sop_instance_uid,
     }
+
+
+@pytest.fixture
+def https_front(orthanc: OrthancWeb, tmp_path: Path) -> Iterator[Callable[[CertPair], str]]:
+    """HTTPS in front of Orthanc (socat with OpenSSL; Debian's Orthanc 1.10 crashes on
+    its own HTTPS with OpenSSL 3): returns the DICOMweb base URL over TLS."""
+    socat = shutil.which("socat")
+    if socat is None:
+        pytest.skip("socat not installed (apt install socat)")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(pair: CertPair) -> str:
+        pem = tmp_path / "front.pem"
+        pem.write_text(pair.cert.read_text() + pair.key.read_text())
+        port = free_port()
+        listen = f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={pem},verify=0"
+        procs.append(
+            subprocess.Popen(
+                [socat, listen, f"TCP:127.0.0.1:{orthanc.port}"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_for(lambda: port_open(port), 10, "socat TLS front")
+        return f"https://127.0.0.1:{port}/dicom-web"
+
+    yield start
+    for proc in procs:
+        stop_process(proc, 5)
+
+
+@pytest.mark.slow
+def test_tls_is_verified_against_the_ca_file(
+    orthanc: OrthancWeb,
+    https_front: Callable[[CertPair], str],
+    pipeline_result: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTPS: a server certificate the node cannot verify fails the delivery at once with a
+    TLS reason; after a reload with the right `ca_file` the re-check sends it. A CA bundle
+    in the environment (requests reads REQUESTS_CA_BUNDLE) does not replace `ca_file`."""
+    caplog.set_level(logging.DEBUG, logger="dicom_node")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())  # public CAs only
+    site, rogue = make_ca(tmp_path / "site"), make_ca(tmp_path / "rogue", cn="rogue CA")
+    orthanc.start()
+    url = https_front(site.issue("orthanc", "localhost", server=True))
+    secret = _secret_file(tmp_path, SECRET)
+    cfg_path = _config(tmp_path, _web(url, secret, f'ca_file = "{rogue.ca_cert}"\n'))
+    cfg, db = _setup(cfg_path, pipeline_result)
+    exporter = Exporter(cfg, db)
+    try:
+        assert exporter.run_once() == 1
+        d = _deliveries(db)["web"]
+        assert (d.state, d.attempts) == (DeliveryState.FAILED, 1)
+        assert "TLS: certificate verify failed" in (d.last_error or ""), d.last_error
+        code, out = _cli(capsys, "echo", "web", "--config", str(cfg_path))
+        assert code == 1 and "TLS: certificate verify failed" in out, out
+        assert orthanc.sop_instance_uids() == set()
+        # the reload (SIGHUP) with the site CA: the re-check runs at once and sends it
+        cfg_path.write_text(cfg_path.read_text().replace(str(rogue.ca_cert), str(site.ca_cert)))
+        exporter.config = load_config(cfg_path, environ={})
+        assert exporter.recheck_failed() == 1
+        exporter.wait(timeout=30)
+        assert exporter.run_once() == 1
+    finally:
+        exporter.close()
+    assert _deliveries(db)["web"].state == DeliveryState.DONE
+    assert pipeline_result.sr_sop_instance_uid in orthanc.sop_instance_uids()
+    code, out = _cli(capsys, "echo", "web", "--config", str(cfg_path))
+    assert code == 0 and f"QIDO-RS {url}/studies?limit=1: HTTP 200" in out, out
 
 
 # --------------------------------------------------------------------------- config
