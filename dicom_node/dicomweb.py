@@ -215,7 +215,7 @@ class DicomWebPeer:
         """
         datasets = [pydicom.dcmread(f) for f in files]
         names = {
-            str(ds.SOPInstanceUID): f"{path.name} ({ds.get('Modality', '?')} {ds.SOPInstanceUID})"
+            str(ds.SOPInstanceUID): _label(ds, path)
             for ds, path in zip(datasets, files, strict=True)
         }
         answers: list[requests.Response] = []
@@ -360,6 +360,13 @@ _REFUSED_HINT = (
     "; not retried: the server refused these objects (see the reason); "
     "`ctmtl-node resend` sends them again"
 )
+
+
+def _label(ds: Dataset, path: Path) -> str:
+    """How an object is named in a delivery's error: modality and UID (and the file name
+    when it does not hold the UID already)."""
+    what = f"{ds.get('Modality', '?')} {ds.SOPInstanceUID}"
+    return what if str(ds.SOPInstanceUID) in path.name else f"{path.name} ({what})"
 
 
 def _answer(response: requests.Response) -> Dataset | None:

@@ -45,15 +45,15 @@ class OrthancWeb:
     for a while.
     """
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path) -> None:
         if not ORTHANC.exists() or not PLUGIN.exists():
             pytest.skip(
                 "Orthanc or its DICOMweb plugin not installed (apt install orthanc-dicomweb)"
             )
-        self.port = port or free_port()
+        self.port = free_port()
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        config = {
+        self.config: dict[str, Any] = {
             "Name": "ctmtl-test-dicomweb",
             "StorageDirectory": str(folder / "storage"),
             "IndexDirectory": str(folder / "index"),
@@ -66,14 +66,16 @@ class OrthancWeb:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpThreadsCount": 4,
         }
-        (folder / "orthanc.json").write_text(json.dumps(config, indent=1))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/dicom-web"
 
-    def start(self) -> OrthancWeb:
+    def start(self, **settings: Any) -> OrthancWeb:
+        """Start with these settings over the defaults (e.g. MaximumStorageSize)."""
+        config = {**self.config, **settings}
+        (self.folder / "orthanc.json").write_text(json.dumps(config, indent=1))
         with (self.folder / "orthanc.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [str(ORTHANC), str(self.folder / "orthanc.json")], stdout=log, stderr=log
@@ -147,7 +149,9 @@ def _deliveries(db: Database) -> dict[str, Delivery]:
         return {d.destination: d for d in s.scalars(select(Delivery))}
 
 
-def _setup(cfg_path: Path, result: Any, extras: Sequence[Path] = ()) -> tuple[Any, Database]:
+def _setup(cfg_path: Path, result: Any, extras: Sequence[Path] = ()) -> tuple[Exporter, Database]:
+    """An exporter for the config, and its database with the result queued to every
+    destination (as the worker leaves it)."""
     cfg = load_config(cfg_path, environ={})
     db = Database(cfg.database_url)
     result_id = add_done_result(db, cfg.destinations, result.seg_path, result.sr_path)
@@ -156,7 +160,12 @@ def _setup(cfg_path: Path, result: Any, extras: Sequence[Path] = ()) -> tuple[An
             row = s.get(Result, result_id)
             assert row is not None
             row.extra_paths = [str(p) for p in extras]
-    return cfg, db
+    return Exporter(cfg, db), db
+
+
+def _uids(result: Any) -> set[str]:
+    """The SOP Instance UIDs of the node's SEG and SR."""
+    return {result.seg_sop_instance_uid, result.sr_sop_instance_uid}
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -177,8 +186,7 @@ def test_stow_rs_stores_seg_and_sr_in_orthanc(
     caplog.set_level(logging.DEBUG)
     orthanc.start()
     cfg_path = _config(tmp_path, _web(orthanc.url, _secret_file(tmp_path, SECRET)))
-    cfg, db = _setup(cfg_path, pipeline_result)
-    exporter = Exporter(cfg, db)
+    exporter, db = _setup(cfg_path, pipeline_result)
     try:
         assert exporter.run_once() == 1
     finally:
@@ -190,10 +198,7 @@ def test_stow_rs_stores_seg_and_sr_in_orthanc(
     # Orthanc holds exactly the node's objects, with their UIDs
     seg = pydicom.dcmread(pipeline_result.seg_path, stop_before_pixels=True)
     stored = orthanc.get("/instances?expand")
-    assert {i["MainDicomTags"]["SOPInstanceUID"] for i in stored} == {
-        pipeline_result.seg_sop_instance_uid,
-        pipeline_result.sr_sop_instance_uid,
-    }
+    assert {i["MainDicomTags"]["SOPInstanceUID"] for i in stored} == _uids(pipeline_result)
     [study] = orthanc.get("/studies?expand")
     assert study["MainDicomTags"]["StudyInstanceUID"] == seg.StudyInstanceUID
     series = {s["MainDicomTags"]["Modality"]: s for s in orthanc.get("/series?expand")}
@@ -220,8 +225,7 @@ def test_wrong_secret_fails_once_with_401_and_is_sent_once_it_is_fixed(
     wrong = "not-the-Secret-1234"
     secret_file = _secret_file(tmp_path, wrong)
     cfg_path = _config(tmp_path, _web(orthanc.url, secret_file), max_attempts=5)
-    cfg, db = _setup(cfg_path, pipeline_result)
-    exporter = Exporter(cfg, db)
+    exporter, db = _setup(cfg_path, pipeline_result)
     try:
         assert exporter.run_once() == 1
         d = _deliveries(db)["web"]
@@ -251,10 +255,7 @@ def test_wrong_secret_fails_once_with_401_and_is_sent_once_it_is_fixed(
     finally:
         exporter.close()
     assert _deliveries(db)["web"].state == DeliveryState.DONE
-    assert orthanc.sop_instance_uids() == {
-        pipeline_result.seg_sop_instance_uid,
-        pipeline_result.sr_sop_instance_uid,
-    }
+    assert orthanc.sop_instance_uids() == _uids(pipeline_result)
     for text in (caplog.text, out):
         assert SECRET not in text and wrong not in text
 
@@ -264,8 +265,7 @@ def test_orthanc_down_is_retried_and_delivered_when_it_is_back(
     orthanc: OrthancWeb, pipeline_result: Any, tmp_path: Path
 ) -> None:
     cfg_path = _config(tmp_path, _web(orthanc.url, _secret_file(tmp_path, SECRET)))
-    cfg, db = _setup(cfg_path, pipeline_result)
-    exporter = Exporter(cfg, db)
+    exporter, db = _setup(cfg_path, pipeline_result)
     try:
         t0 = time.monotonic()
         assert exporter.run_once() == 1  # nothing listens on the port yet
@@ -300,8 +300,7 @@ def test_object_the_archive_refuses_is_recorded_shown_and_not_retried(
     cfg_path = _config(
         tmp_path, _web(orthanc.url, _secret_file(tmp_path, SECRET)), recheck_failed_s=0.2
     )
-    cfg, db = _setup(cfg_path, pipeline_result, extras=[broken_path])
-    exporter = Exporter(cfg, db)
+    exporter, db = _setup(cfg_path, pipeline_result, extras=[broken_path])
     try:
         assert exporter.run_once() == 1
         d = _deliveries(db)["web"]
@@ -318,16 +317,48 @@ def test_object_the_archive_refuses_is_recorded_shown_and_not_retried(
     finally:
         exporter.close()
     # the others were stored; the reason is where an administrator looks
-    assert orthanc.sop_instance_uids() == {
-        pipeline_result.seg_sop_instance_uid,
-        pipeline_result.sr_sop_instance_uid,
-    }
+    assert orthanc.sop_instance_uids() == _uids(pipeline_result)
     code, out = _cli(capsys, "status", "--config", str(cfg_path))
     assert code == 0 and "[delivery failed: web]" in out
     assert "-> web          failed    1x  STOW-RS refused" in out and "0xC000" in out, out
     code, out = _cli(capsys, "status", "--json", "--config", str(cfg_path))
     [delivery] = json.loads(out)[0]["jobs"][0]["deliveries"]
     assert delivery["state"] == "failed" and broken.SOPInstanceUID in delivery["error"]
+
+
+@pytest.mark.slow
+def test_full_archive_answering_200_without_the_objects_is_retried_until_there_is_room(
+    orthanc: OrthancWeb, pipeline_result: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Orthanc with a 1 MB storage limit cannot store the 2 MB SEG; its plugin answers
+    200 OK and leaves the objects out of both sequences. The node records them as not
+    stored, retries, and delivers once the archive has room (restarted without the limit)."""
+    assert pipeline_result.seg_path.stat().st_size > 1024 * 1024
+    orthanc.start(MaximumStorageSize=1)
+    cfg_path = _config(
+        tmp_path, _web(orthanc.url, _secret_file(tmp_path, SECRET)), initial_backoff_s=1.0
+    )
+    exporter, db = _setup(cfg_path, pipeline_result)
+    try:
+        assert exporter.run_once() == 1
+        d = _deliveries(db)["web"]
+        assert (d.state, d.attempts) == (DeliveryState.PENDING, 1)
+        error = d.last_error or ""
+        assert error.startswith(f"STOW-RS to {orthanc.url}: HTTP 200 OK: "), error
+        seg = pipeline_result.seg_sop_instance_uid
+        assert f"SEG {seg}: not acknowledged" in error, error
+        assert seg not in orthanc.sop_instance_uids()
+        _, out = _cli(capsys, "status", "--config", str(cfg_path))
+        assert "-> web          pending   1x  STOW-RS to" in out and "not acknowledged" in out
+
+        orthanc.stop()
+        orthanc.start()  # the same archive, now without the limit
+        wait_for(lambda: exporter.run_once() == 1, 10, "the retry to be due", step=0.2)
+    finally:
+        exporter.close()
+    d = _deliveries(db)["web"]
+    assert (d.state, d.attempts) == (DeliveryState.DONE, 2), d.last_error
+    assert orthanc.sop_instance_uids() == _uids(pipeline_result)
 
 
 @pytest.mark.slow
@@ -344,8 +375,7 @@ def test_a_hung_dicomweb_destination_blocks_no_cstore_destination(
         f'[[destinations]]\nname = "web"\nkind = "dicomweb"\n'
         f'url = "http://127.0.0.1:{silent_peer}/dicom-web"\ntimeout_s = 3\n'
     )
-    cfg, db = _setup(_config(tmp_path, dests), pipeline_result)
-    exporter = Exporter(cfg, db)
+    exporter, db = _setup(_config(tmp_path, dests), pipeline_result)
     try:
         t0 = time.monotonic()
         assert exporter.dispatch() == 2
@@ -360,10 +390,7 @@ def test_a_hung_dicomweb_destination_blocks_no_cstore_destination(
     web = _deliveries(db)["web"]
     assert (web.state, web.attempts) == (DeliveryState.PENDING, 1)
     assert f"no answer within 3 s (127.0.0.1:{silent_peer})" in (web.last_error or "")
-    assert {pydicom.dcmread(f).SOPInstanceUID for f in pacs.files()} == {
-        pipeline_result.seg_sop_instance_uid,
-        pipeline_result.sr_sop_instance_uid,
-    }
+    assert {pydicom.dcmread(f).SOPInstanceUID for f in pacs.files()} == _uids(pipeline_result)
 
 
 @pytest.fixture
@@ -415,8 +442,7 @@ def test_tls_is_verified_against_the_ca_file(
     url = https_front(site.issue("orthanc", "localhost", server=True))
     secret = _secret_file(tmp_path, SECRET)
     cfg_path = _config(tmp_path, _web(url, secret, f'ca_file = "{rogue.ca_cert}"\n'))
-    cfg, db = _setup(cfg_path, pipeline_result)
-    exporter = Exporter(cfg, db)
+    exporter, db = _setup(cfg_path, pipeline_result)
     try:
         assert exporter.run_once() == 1
         d = _deliveries(db)["web"]
