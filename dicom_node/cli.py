@@ -57,10 +57,13 @@ def _setup_logging(level: str) -> None:
     )
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     if level.upper() != "DEBUG":
-        for noisy in ("pynetdicom", "alembic", "highdicom"):
+        for noisy in ("pynetdicom", "alembic", "highdicom", "dicomweb_client"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # two ERROR lines per failed connect; the exporter and `echo` name the cause in one
         logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
+        # dicomweb-client's retry wrapper: a traceback per failed STOW-RS request (its
+        # retries are off); the exporter logs the cause in one line
+        logging.getLogger("retrying").setLevel(logging.CRITICAL)
 
 
 def _load(path: str | None):  # type: ignore[no-untyped-def]

@@ -28,9 +28,10 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node.cli import main
-from dicom_node.config import ConfigError, DicomWebDestination, load_config
+from dicom_node.config import ConfigError, DicomWebDestination, StartupError, load_config
 from dicom_node.db import Database, Delivery, DeliveryState, Result
 from dicom_node.export import Exporter, retry_when_answering
+from dicom_node.service import NodeService
 from helpers import StoreSCP, add_done_result, free_port, port_open, stop_process, wait_for
 
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -554,3 +555,32 @@ def test_config_check_reads_the_secret_without_showing_it(
     assert f'secret_file = "{secret}"' in out and "pw-1234567" not in out
     cfg = load_config(tmp_path / "node.toml", environ={})
     assert isinstance(cfg.destinations[0], DicomWebDestination)
+
+
+def test_the_node_does_not_start_without_a_destinations_secret(
+    make_config: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A node whose exporter could not authenticate must not accept series: refused at
+    start with the key and the file named (exit 2: only a fix of the config helps)."""
+    missing = tmp_path / "archive.secret"
+    cfg = make_config(
+        destinations=[
+            {
+                "name": "web",
+                "kind": "dicomweb",
+                "url": "https://archive.example/dicom-web",
+                "auth": {"type": "basic", "username": "u", "secret_file": str(missing)},
+            }
+        ],
+        routing={"default": ["web"]},
+    )
+    service = NodeService(cfg, scp=False, worker=False)
+    with pytest.raises(StartupError) as info:
+        service.start()
+    assert info.value.exit_code == 2
+    assert f"destinations.0.auth: web: auth.secret_file {missing}:" in str(info.value)
+    missing.write_text("pw-5678\n")
+    missing.chmod(0o600)
+    service = NodeService(cfg, scp=False, worker=False)
+    service.start()
+    service.stop(timeout=30)
