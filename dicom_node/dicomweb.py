@@ -16,8 +16,8 @@ How an answer is judged (PS3.18 10.5):
 - 400, 409, 413, 415 and other 4xx: the server refused the request; not retried, and not
   queued again by the exporter's re-check (only `ctmtl-node resend`), unless every failure
   it names is "out of resources".
-- 401, 403: the credentials; 404, 405: the URL. Not retried; queued again once QIDO-RS
-  answers with the (fixed) settings.
+- 401, 403: the credentials; 404, 405 and redirects (3xx, not followed): the URL. Not
+  retried; queued again once QIDO-RS answers with the (fixed) settings.
 - 408, 429, 5xx, connection refused, timeouts: retried with the exporter's backoff.
 - A TLS verification failure is not retried (as for DICOM TLS destinations).
 
@@ -132,6 +132,8 @@ class _Session(requests.Session):
     - requests' own Host header: dicomweb-client sets `Host` to the URL's host without its
       port, which makes servers that build URLs from it (Orthanc's RetrieveURL) and
       virtual hosts on a non-default port answer for the wrong origin.
+    - No redirects: requests turns a POST answered by 301/302 into a GET, whose 200 would
+      read as "stored"; a redirect is reported instead (the url should name the service).
     """
 
     def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
@@ -140,6 +142,7 @@ class _Session(requests.Session):
             kwargs["headers"] = {k: v for k, v in headers.items() if str(k).lower() != "host"}
         if kwargs.get("verify") is None:
             kwargs["verify"] = self.verify
+        kwargs["allow_redirects"] = False
         return super().request(method, url, *args, **kwargs)
 
 
@@ -272,7 +275,7 @@ class DicomWebPeer:
                 permanent=True,
                 hint=_AUTH_HINT,
             )
-        if status in (404, 405):
+        if status in (404, 405) or 300 <= status < 400:
             raise ExportError(
                 f"STOW-RS to {self}: {head}{self._advice(response)}", permanent=True, hint=_URL_HINT
             )
@@ -320,6 +323,9 @@ class DicomWebPeer:
             )
         if response.status_code in (404, 405):
             return f": no DICOMweb service at {self.url} (check the destination's url)"
+        if 300 <= response.status_code < 400:
+            where = response.headers.get("Location", "?")
+            return f": redirected to {where} (set the destination's url to the service itself)"
         return ""
 
     def _transport_problem(self, exc: requests.RequestException) -> str:

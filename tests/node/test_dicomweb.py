@@ -363,6 +363,28 @@ def test_full_archive_answering_200_without_the_objects_is_retried_until_there_i
 
 
 @pytest.mark.slow
+def test_a_url_that_is_not_the_dicomweb_root_is_named_and_not_retried(
+    orthanc: OrthancWeb, pipeline_result: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The url of Orthanc itself instead of its /dicom-web: its own REST API refuses the
+    QIDO-RS search and the STOW-RS POST; the delivery fails at once naming the url."""
+    orthanc.start()
+    root = orthanc.url.removesuffix("/dicom-web")
+    cfg_path = _config(tmp_path, _web(root, _secret_file(tmp_path, SECRET)))
+    code, out = _cli(capsys, "echo", "web", "--config", str(cfg_path))
+    assert code == 1 and f"QIDO-RS {root}/studies?limit=1: HTTP 400" in out, out
+    exporter, db = _setup(cfg_path, pipeline_result)
+    try:
+        assert exporter.run_once() == 1
+    finally:
+        exporter.close()
+    d = _deliveries(db)["web"]
+    assert (d.state, d.attempts) == (DeliveryState.FAILED, 1)
+    assert f"no DICOMweb service at {root}" in (d.last_error or ""), d.last_error
+    assert orthanc.sop_instance_uids() == set()
+
+
+@pytest.mark.slow
 def test_a_hung_dicomweb_destination_blocks_no_cstore_destination(
     storescp: Callable[..., StoreSCP],
     silent_peer: int,
