@@ -68,6 +68,8 @@ class OrthancWeb:
             "HttpThreadsCount": 4,
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        #: how the test itself reads from Orthanc
+        self.authorization = "Basic " + base64.b64encode(f"{USER}:{SECRET}".encode()).decode()
 
     @property
     def url(self) -> str:
@@ -95,8 +97,7 @@ class OrthancWeb:
 
     def get(self, path: str) -> Any:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        token = base64.b64encode(f"{USER}:{SECRET}".encode()).decode()
-        req.add_header("Authorization", f"Basic {token}")
+        req.add_header("Authorization", self.authorization)
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 
@@ -259,6 +260,53 @@ def test_wrong_secret_fails_once_with_401_and_is_sent_once_it_is_fixed(
     assert orthanc.sop_instance_uids() == _uids(pipeline_result)
     for text in (caplog.text, out):
         assert SECRET not in text and wrong not in text
+
+
+@pytest.mark.slow
+def test_bearer_token_from_the_environment(
+    orthanc: OrthancWeb,
+    pipeline_result: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Orthanc checks `Authorization: Bearer <token>` in a Lua request filter (it answers
+    403 otherwise): the token from `secret_env` gets the results in; another is refused
+    once, with the variable named and the token in no log line."""
+    caplog.set_level(logging.DEBUG)
+    token = "bearer-tok-5c1e9a77"
+    lua = tmp_path / "bearer.lua"
+    lua.write_text(
+        "function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n"
+        f'  return headers["authorization"] == "Bearer {token}"\n'
+        "end\n"
+    )
+    orthanc.authorization = f"Bearer {token}"
+    orthanc.start(AuthenticationEnabled=False, LuaScripts=[str(lua)])
+    dest = (
+        f'[[destinations]]\nname = "web"\nkind = "dicomweb"\nurl = "{orthanc.url}"\n'
+        '[destinations.auth]\ntype = "bearer"\nsecret_env = "CTMTL_TEST_STOW_TOKEN"\n'
+    )
+    cfg_path = _config(tmp_path, dest)
+    monkeypatch.setenv("CTMTL_TEST_STOW_TOKEN", "wrong-tok-0000")
+    exporter, db = _setup(cfg_path, pipeline_result)
+    try:
+        assert exporter.run_once() == 1
+        d = _deliveries(db)["web"]
+        assert (d.state, d.attempts) == (DeliveryState.FAILED, 1)
+        assert "HTTP 403" in (d.last_error or "") and "refused the node's bearer credentials" in (
+            d.last_error or ""
+        )
+        assert "environment variable CTMTL_TEST_STOW_TOKEN" in (d.last_error or "")
+        monkeypatch.setenv("CTMTL_TEST_STOW_TOKEN", token)
+        assert exporter.recheck_failed(force=True) == 1
+        exporter.wait(timeout=30)
+        assert exporter.run_once() == 1
+    finally:
+        exporter.close()
+    assert _deliveries(db)["web"].state == DeliveryState.DONE
+    assert orthanc.sop_instance_uids() == _uids(pipeline_result)
+    assert token not in caplog.text and "wrong-tok-0000" not in caplog.text
 
 
 @pytest.mark.slow
