@@ -283,7 +283,8 @@ class DicomWebPeer:
         stored, failed, warned = _outcome(body, list(names))
         for uid, code in warned.items():
             name = _WARNING_NAMES.get(code, "warning")
-            logger.warning("%s stored %s with warning 0x%04X %s", self, names[uid], code, name)
+            label = names.get(uid, uid)
+            logger.warning("%s stored %s with warning 0x%04X %s", self, label, code, name)
         if 200 <= status < 300 and not failed:
             return stored
         if failed:
