@@ -77,26 +77,20 @@ class DestinationRow:
 
 def destinations(cfg: NodeConfig) -> list[DestinationRow]:
     """Configured destinations and which routing rules send results to each."""
-    from dicom_node.config import SENDER
+    from dicom_node.config import SENDER, DicomDestination
 
     rows = []
     for dest in cfg.destinations:
         sources: list[str] = []
         if dest.name in cfg.routing.default:
             sources.append("default")
-        if SENDER in cfg.routing.default:
-            sources.append(f"sender={dest.ae_title}")
+        ae_title = dest.ae_title if isinstance(dest, DicomDestination) else None
+        if SENDER in cfg.routing.default and ae_title:
+            sources.append(f"sender={ae_title}")
         for ae, targets in cfg.routing.by_calling_ae.items():
-            if dest.name in targets or (SENDER in targets and ae == dest.ae_title):
+            if dest.name in targets or (SENDER in targets and ae == ae_title):
                 sources.append(ae)
-        rows.append(
-            DestinationRow(
-                dest.name,
-                f"{dest.ae_title}@{dest.host}:{dest.port}",
-                dest.tls.enabled,
-                sources,
-            )
-        )
+        rows.append(DestinationRow(dest.name, dest.address, dest.secure, sources))
     return rows
 
 
@@ -212,7 +206,7 @@ def resend_series(
                 row = Delivery(result_id=result.id, destination=dest.name)
                 s.add(row)
             set_pending(row, dest, now)
-            out.append((dest.name, f"queued ({dest.ae_title}@{dest.host}:{dest.port})"))
+            out.append((dest.name, f"queued ({dest.address})"))
         result_id = result.id
         key = series_label(series_uid, series.study.study_instance_uid)
     logger.info("%s: result %d queued again: %s", key, result_id, out)

@@ -57,10 +57,13 @@ def _setup_logging(level: str) -> None:
     )
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     if level.upper() != "DEBUG":
-        for noisy in ("pynetdicom", "alembic", "highdicom"):
+        for noisy in ("pynetdicom", "alembic", "highdicom", "dicomweb_client"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # two ERROR lines per failed connect; the exporter and `echo` name the cause in one
         logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
+        # dicomweb-client's retry wrapper: a traceback per failed STOW-RS request (its
+        # retries are off); the exporter logs the cause in one line
+        logging.getLogger("retrying").setLevel(logging.CRITICAL)
 
 
 def _load(path: str | None):  # type: ignore[no-untyped-def]
@@ -126,7 +129,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_destinations(args: argparse.Namespace) -> int:
     from dicom_node.admin import destinations
-    from dicom_node.export import echo, peer_for
+    from dicom_node.export import target_for
 
     cfg = _load(args.config)
     rows = destinations(cfg)
@@ -138,7 +141,7 @@ def cmd_destinations(args: argparse.Namespace) -> int:
         line = f"{row.name:<16} {row.peer:<40} {'TLS' if row.tls else 'plain':<5}"
         line += f"  routed: {', '.join(row.routed_from) or '-'}"
         if args.echo:
-            ok, message = echo(peer_for(cfg.destination(row.name), cfg.node.ae_title))
+            ok, message = target_for(cfg.destination(row.name), cfg.node.ae_title).check()
             failed += not ok
             line += f"\n    {'ok' if ok else 'FAILED'}: {message}"
         print(line)
@@ -333,12 +336,16 @@ def parse_peer(text: str) -> tuple[str, str, int]:
     return m.group("ae"), m.group("host").strip("[]"), port
 
 
+def _echo_tls_given(args: argparse.Namespace) -> bool:
+    given = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return bool(args.tls or args.tls_no_verify) or any(v is not None for v in given)
+
+
 def _echo_tls(args: argparse.Namespace) -> TLSSettings | None:
     """TLSSettings from `echo --tls-*` (None when no TLS option is given); ValueError."""
     from dicom_node.tls import TLSSettings
 
-    given = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    if not (args.tls or args.tls_no_verify) and all(v is None for v in given):
+    if not _echo_tls_given(args):
         return None
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -357,17 +364,29 @@ def _echo_tls(args: argparse.Namespace) -> TLSSettings | None:
 def cmd_echo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from dicom_node.config import validate_ae_title
-    from dicom_node.export import Peer, echo, peer_for
+    from dicom_node.config import DicomWebDestination, validate_ae_title
+    from dicom_node.export import Peer, echo, peer_for, target_for
 
     cfg = _load(args.config) if args.config else None
     calling = args.calling_ae or (cfg.node.ae_title if cfg else "CTMTL")
     peer: Peer | None = None
     if cfg is not None:
         try:
-            peer = peer_for(cfg.destination(args.target), calling)
+            dest = cfg.destination(args.target)
         except KeyError:
-            peer = None
+            dest = None
+        if isinstance(dest, DicomWebDestination):  # QIDO-RS with its own auth and TLS
+            if args.calling_ae or _echo_tls_given(args):
+                print(
+                    f"error: {dest.name} is a DICOMweb destination: --calling-ae and --tls-* "
+                    "are for DICOM peers (its url, auth, ca_file come from the config)",
+                    file=sys.stderr,
+                )
+                return 2
+            ok, message = target_for(dest, calling).check()
+            print(message)
+            return 0 if ok else 1
+        peer = None if dest is None else peer_for(dest, calling)
     try:
         tls = _echo_tls(args)
         if peer is None:
@@ -521,7 +540,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         + ("  (superseded)" if r.superseded else "")
                     )
                     for d in r.deliveries:
-                        err = f"  {d.last_error[:120]}" if d.last_error else ""
+                        err = f"  {d.last_error[:300]}" if d.last_error else ""
                         print(f"        -> {d.destination:<12} {d.state:<9} {d.attempts}x{err}")
     return 0
 
@@ -618,9 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "echo",
-        help="C-ECHO a destination (name from the config, or AE@host:port)",
+        help="C-ECHO a destination (name from the config, or AE@host:port); QIDO-RS for "
+        "a DICOMweb one",
         description="Verify a peer: TARGET is a destination name from --config or "
-        "AE@host:port. Exit 0 when the peer answers with success.",
+        "AE@host:port. A DICOMweb destination is checked with QIDO-RS "
+        "(GET {url}/studies?limit=1, with its auth and TLS settings). Exit 0 when the peer "
+        "answers with success.",
     )
     p.add_argument("target", metavar="DEST|AE@host:port")
     p.add_argument("--config", help="node TOML config (for destination names and our AE)")

@@ -22,7 +22,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -178,10 +180,63 @@ class AllowedCaller(_Section):
 TLSSection = TLSSettings
 
 
-class Destination(_Section):
-    """A peer that receives results (C-STORE SCP), usually the PACS."""
+DESTINATION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+def _not_reserved(cls: type, value: str) -> str:
+    if value == SENDER:
+        raise ValueError(f"{SENDER!r} is reserved for routing")
+    return value
+
+
+#: Keys that would put a secret into the config file itself
+_INLINE_SECRETS = ("password", "token", "secret", "api_key", "bearer")
+
+
+def _no_inline_secret(cls: type, data: Any) -> Any:
+    """Refuse a password or token written into the TOML, with the keys to use instead."""
+    if isinstance(data, Mapping):
+        for key in data:
+            if str(key).lower() in _INLINE_SECRETS:
+                raise ValueError(
+                    f"{key!r}: secrets are not read from the config file; put it in a file "
+                    "(auth.secret_file, readable by the node only) or an environment "
+                    "variable (auth.secret_env)"
+                )
+    return data
+
+
+def validate_base_url(value: str) -> str:
+    """A DICOMweb base URL: http(s), a host, no credentials, query or fragment; no trailing /."""
+    from urllib.parse import urlsplit
+
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"url {text!r} does not parse: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"url {text!r} must start with https:// (or http://)")
+    if not parts.hostname:
+        raise ValueError(f"url {text!r} names no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "url must not hold credentials (user:password@); use the auth table with "
+            "secret_file or secret_env"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"url {text!r} must be the service's base URL, without ? or #")
+    if port == 0:
+        raise ValueError(f"url {text!r}: port 0")
+    return text.rstrip("/")
+
+
+class DicomDestination(_Section):
+    """A peer that receives results by C-STORE (`kind = "dicom"`, the default), usually the PACS."""
+
+    kind: Literal["dicom"] = "dicom"
+    name: str = Field(pattern=DESTINATION_NAME)
     ae_title: AETitle
     host: str
     port: Port
@@ -191,12 +246,118 @@ class Destination(_Section):
     timeout_s: float = Field(30.0, gt=0)
     tls: TLSSection = Field(default_factory=TLSSection)
 
-    @field_validator("name")
+    _name = field_validator("name")(_not_reserved)
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    @property
+    def secure(self) -> bool:
+        return self.tls.enabled
+
+    @property
+    def endpoint(self) -> tuple[str, str, int]:
+        """(AE title, host, port) as a delivery row keeps them."""
+        return self.ae_title, self.host, self.port
+
+
+class DicomWebAuth(_Section):
+    """`[destinations.auth]`: HTTP authentication towards a DICOMweb destination.
+
+    The secret (basic: the password; bearer: the token) is read from `secret_file` or the
+    environment variable `secret_env` at each attempt, so it can be rotated without a
+    restart; it is never part of the config file, never printed and never logged.
+    """
+
+    type: Literal["basic", "bearer"]
+    username: str | None = Field(None, min_length=1, description="basic: the user name")
+    secret_file: Path | None = Field(None, description="file holding the password or token")
+    secret_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var with the password/token"
+    )
+
+    _inline = model_validator(mode="before")(_no_inline_secret)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DicomWebAuth:
+        if (self.secret_file is None) == (self.secret_env is None):
+            raise ValueError("auth needs exactly one of secret_file or secret_env")
+        if self.type == "basic" and not self.username:
+            raise ValueError('auth.type = "basic" needs a username')
+        if self.type == "bearer" and self.username:
+            raise ValueError('auth.type = "bearer" takes no username (the token says who)')
+        return self
+
+
+class DicomWebDestination(_Section):
+    """A DICOMweb archive that receives results by STOW-RS (`kind = "dicomweb"`).
+
+    `url` is the service's base URL (STOW-RS `POST {url}/studies`, QIDO-RS for `echo`),
+    e.g. `https://pacs.example.org/dicom-web`. `ca_file`: the CA bundle (PEM) that signs
+    the server's certificate, instead of the system's; `verify_tls = false` is for tests
+    only.
+    """
+
+    kind: Literal["dicomweb"]
+    name: str = Field(pattern=DESTINATION_NAME)
+    url: str
+    auth: DicomWebAuth | None = None
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    timeout_s: float = Field(30.0, gt=0)
+
+    _name = field_validator("name")(_not_reserved)
+    _inline = model_validator(mode="before")(_no_inline_secret)
+
+    @field_validator("url")
     @classmethod
-    def _not_reserved(cls, value: str) -> str:
-        if value == SENDER:
-            raise ValueError(f"{SENDER!r} is reserved for routing")
-        return value
+    def _url(cls, value: str) -> str:
+        return validate_base_url(value)
+
+    @model_validator(mode="after")
+    def _tls(self) -> DicomWebDestination:
+        if self.ca_file is not None and not self.url.startswith("https://"):
+            raise ValueError("ca_file is for https:// URLs; this url is plain http")
+        if self.ca_file is not None and not self.verify_tls:
+            raise ValueError("ca_file with verify_tls = false: the CA would not be used")
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.url
+
+    @property
+    def secure(self) -> bool:
+        return self.url.startswith("https://")
+
+    @property
+    def endpoint(self) -> tuple[str, str, int]:
+        """(AE title, host, port) as a delivery row keeps them: no AE title, the URL's host."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        return "", parts.hostname or "", parts.port or (443 if self.secure else 80)
+
+
+def _kind(value: Any) -> str:
+    """The tag of a destination table: its `kind`, "dicom" when left out."""
+    if isinstance(value, Mapping):
+        return str(value.get("kind", "dicom"))
+    return str(getattr(value, "kind", "dicom"))
+
+
+_DESTINATION_KINDS = ("dicom", "dicomweb")
+
+#: One `[[destinations]]` entry: C-STORE (`kind = "dicom"`, the default) or STOW-RS.
+Destination = Annotated[
+    Annotated[DicomDestination, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(
+        _kind,
+        custom_error_type="destination_kind",
+        custom_error_message='kind must be "dicom" (C-STORE, the default) or "dicomweb" (STOW-RS)',
+    ),
+]
 
 
 class RoutingSection(_Section):
@@ -385,9 +546,10 @@ class NodeConfig(_Section):
                 return dest
         raise KeyError(f"no destination named {name!r}")
 
-    def destination_for_ae(self, ae_title: str) -> Destination | None:
+    def destination_for_ae(self, ae_title: str) -> DicomDestination | None:
+        """The C-STORE destination with this AE title (routing target "sender")."""
         for dest in self.destinations:
-            if dest.ae_title == ae_title.strip():
+            if isinstance(dest, DicomDestination) and dest.ae_title == ae_title.strip():
                 return dest
         return None
 
@@ -397,6 +559,7 @@ class NodeConfig(_Section):
         out: list[Destination] = []
         problems: list[str] = []
         for target in targets:
+            dest: Destination | None
             if target == SENDER:
                 dest = self.destination_for_ae(calling_ae or "")
                 if dest is None:
@@ -523,9 +686,17 @@ def _resolve(path: Path | None, base: Path) -> Path | None:
 def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
     cfg.spool.path = _resolve(cfg.spool.path, base) or cfg.spool.path
     cfg.model.checkpoint = _resolve(cfg.model.checkpoint, base)
-    for tls in [cfg.node.tls, *(dest.tls for dest in cfg.destinations)]:
+    for tls in [
+        cfg.node.tls,
+        *(d.tls for d in cfg.destinations if isinstance(d, DicomDestination)),
+    ]:
         for key in ("ca_file", "cert_file", "key_file"):
             setattr(tls, key, _resolve(getattr(tls, key), base))
+    for dest in cfg.destinations:
+        if isinstance(dest, DicomWebDestination):
+            dest.ca_file = _resolve(dest.ca_file, base)
+            if dest.auth is not None:
+                dest.auth.secret_file = _resolve(dest.auth.secret_file, base)
     url = cfg.database.url
     if url and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         rel = url[len("sqlite:///") :]
@@ -537,7 +708,10 @@ def _resolve_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
 def _errors(exc: ValidationError) -> list[tuple[str, str]]:
     out = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = list(err["loc"])
+        if len(loc) > 2 and loc[0] == "destinations" and loc[2] in _DESTINATION_KINDS:
+            del loc[2]  # the union's tag: `destinations.0.url`, as it is written
+        path = ".".join(str(p) for p in loc) or "(top level)"
         out.append((path, err["msg"]))
     return out
 
@@ -584,9 +758,15 @@ def _register_secrets(cfg: NodeConfig) -> None:
     from dicom_node.redact import register_secret, register_url_password
 
     register_url_password(cfg.database.url)
-    for tls in [cfg.node.tls, *(dest.tls for dest in cfg.destinations)]:
+    for tls in [
+        cfg.node.tls,
+        *(d.tls for d in cfg.destinations if isinstance(d, DicomDestination)),
+    ]:
         if tls.key_password_env:
             register_secret(os.environ.get(tls.key_password_env))
+    for dest in cfg.destinations:
+        if isinstance(dest, DicomWebDestination) and dest.auth and dest.auth.secret_env:
+            register_secret(os.environ.get(dest.auth.secret_env))
 
 
 def effective_toml(cfg: NodeConfig) -> str:
@@ -598,7 +778,7 @@ def effective_toml(cfg: NodeConfig) -> str:
     return mask_secrets(_to_toml(_mask_secret_keys(data, MASK)))
 
 
-_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|token|api_key)(?!_env)")
+_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|token|api_key)(?!_env|_file)")
 
 
 def _mask_secret_keys(data: Any, mask: str) -> Any:

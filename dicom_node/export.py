@@ -1,4 +1,7 @@
-"""Export: C-STORE of results (SEG, SR, optional extras) to the configured destinations.
+"""Export: results (SEG, SR, optional extras) to the configured destinations.
+
+A destination is a DICOM peer (C-STORE, this module) or a DICOMweb archive (STOW-RS,
+`dicom_node.dicomweb`); both are a `Target` here and share everything below.
 
 Each (result, destination) pair is one `deliveries` row with its own state, attempt
 count, next attempt time and last error. The exporter claims due rows, at most one per
@@ -33,7 +36,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -41,7 +44,7 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from dicom_node.backoff import describe, is_database_unavailable
-from dicom_node.config import Destination, NodeConfig
+from dicom_node.config import DicomDestination, DicomWebDestination, NodeConfig
 from dicom_node.db import (
     Database,
     Delivery,
@@ -62,16 +65,40 @@ logger = logging.getLogger(__name__)
 _WARNINGS_OK = {0x0001, 0xB000, 0xB006, 0xB007}
 
 
+#: How a DICOMweb refusal (400, 409, ...) begins: not queued again when the server answers
+STOW_REFUSED = "STOW-RS refused"
+
+Destination = DicomDestination | DicomWebDestination
+
+
 class ExportError(RuntimeError):
     """A destination could not be reached or did not store every object.
 
-    `permanent`: retrying cannot help until the configuration or a certificate changes
-    (a TLS verification failure, a TLS file that does not load); not retried.
+    `permanent`: retrying cannot help until the configuration, a certificate or the
+    objects change (a TLS verification failure, a TLS file that does not load, refused
+    credentials, a DICOMweb refusal); not retried. `hint` says what to do, for the log.
     """
 
-    def __init__(self, message: str, permanent: bool = False) -> None:
+    def __init__(self, message: str, permanent: bool = False, hint: str = "") -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.hint = hint
+
+
+class Target(Protocol):
+    """One destination as the exporter sends to it: C-STORE `Peer` or `DicomWebPeer`."""
+
+    def send(self, files: Sequence[Path]) -> list[str]:
+        """Store `files`; raise `ExportError` unless all were stored."""
+        ...
+
+    def check(self) -> tuple[bool, str]:
+        """(answers, what happened): C-ECHO or QIDO-RS."""
+        ...
+
+    def unreachable(self) -> str | None:
+        """Why a TCP connection fails (refused, timed out), None when it works."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -93,8 +120,26 @@ class Peer:
         """`tls_args` for `AE.associate` (None = plain TCP); raises `TLSConfigError`."""
         return tls_args(self.tls, self.host)
 
+    def send(self, files: Sequence[Path]) -> list[str]:
+        return send_files(self, files)
 
-def peer_for(dest: Destination, node_ae: str) -> Peer:
+    def check(self) -> tuple[bool, str]:
+        return echo(self)
+
+    def unreachable(self) -> str | None:
+        return tcp_problem(self.host, self.port, self.timeout_s)
+
+
+def target_for(dest: Destination, node_ae: str) -> Target:
+    """The `Target` for a configured destination of either kind."""
+    if isinstance(dest, DicomWebDestination):
+        from dicom_node.dicomweb import DicomWebPeer  # it imports this module
+
+        return DicomWebPeer.of(dest)
+    return peer_for(dest, node_ae)
+
+
+def peer_for(dest: DicomDestination, node_ae: str) -> Peer:
     return Peer(
         dest.ae_title,
         dest.host,
@@ -144,22 +189,23 @@ def _association_failure(assoc: object, peer: Peer, tls: Any = None) -> str:
     if tls_failure is not None:
         return f"{tls_failure}; peer {peer}"
     if getattr(assoc, "is_aborted", False):
-        unreachable = _tcp_problem(peer)
+        unreachable = peer.unreachable()
         if unreachable is not None:
             return f"cannot connect to {peer}: {unreachable}"
         return f"association with {peer} aborted or no answer"
     return f"cannot associate with {peer}"
 
 
-def _tcp_problem(peer: Peer) -> str | None:
-    """Why a TCP connection to the peer fails (refused, timed out, ...), None when it works.
+def tcp_problem(host: str, port: int, timeout_s: float) -> str | None:
+    """Why a TCP connection to host:port fails (refused, timed out, ...), None when it works.
 
     pynetdicom reports a failed connect only as an aborted association; one plain connect
-    tells "nothing listens there" from "a peer that accepted and then did not answer".
+    tells "nothing listens there" from "a peer that accepted and then did not answer". The
+    exporter's re-check uses it first, so a destination still down costs no log noise.
     """
-    where = f"{peer.host}:{peer.port}"
+    where = f"{host}:{port}"
     try:
-        with socket.create_connection((peer.host, peer.port), timeout=min(peer.timeout_s, 5.0)):
+        with socket.create_connection((host, port), timeout=min(timeout_s, 5.0)):
             return None
     except ConnectionRefusedError:
         return f"connection refused ({where})"
@@ -235,9 +281,12 @@ _REFUSED_STATUS = re.compile(r"C-STORE of .* failed, status 0x(?P<code>[0-9A-F]{
 def retry_when_answering(last_error: str | None) -> bool:
     """Whether a failed delivery is queued again once its destination answers C-ECHO.
 
-    Not when the peer refused the object by status (other than out of resources, 0xA7xx):
-    sending it again would be refused again.
+    Not when the peer refused the object by status (other than out of resources, 0xA7xx),
+    nor when a DICOMweb server refused the request (400, 409, a failure reason that no
+    retry passes): sending it again would be refused again.
     """
+    if STOW_REFUSED in (last_error or ""):
+        return False
     m = _REFUSED_STATUS.search(last_error or "")
     return m is None or m.group("code").startswith("A7")
 
@@ -299,7 +348,7 @@ def queue_deliveries(
 
 def set_pending(row: Delivery, dest: Destination, now: dt.datetime) -> None:
     """(Re)queue `row` for `dest` as configured now: due at `now`, no attempts, no error."""
-    row.ae_title, row.host, row.port = dest.ae_title, dest.host, dest.port
+    row.ae_title, row.host, row.port = dest.endpoint
     row.state = DeliveryState.PENDING
     row.attempts = 0
     row.next_attempt_at = now
@@ -328,17 +377,17 @@ class Exporter(NodePart):
         self._next_recheck = 0.0  # time.monotonic() of the next echo of failed destinations
         self._rechecked_config = config  # a reloaded config is checked at once
 
-    def _peer(self, d: Delivery) -> Peer | None:
+    def _peer(self, d: Delivery) -> Target | None:
         """The destination as configured now; None when it was removed from the config.
 
-        The row keeps only AE title, host and port, not the TLS settings, so a removed
-        destination is never sent to from the row alone (it may have needed TLS).
+        The row keeps only AE title, host and port, not the TLS or auth settings, so a
+        removed destination is never sent to from the row alone (it may have needed them).
         """
         try:
             dest = self.config.destination(d.destination)
         except KeyError:
             return None
-        return peer_for(dest, self.config.node.ae_title)
+        return target_for(dest, self.config.node.ae_title)
 
     def dispatch(self) -> int:
         """Claim due deliveries for idle destinations and start sending them."""
@@ -412,12 +461,12 @@ class Exporter(NodePart):
             final = True
         else:
             try:
-                send_files(peer, files)
+                peer.send(files)
             except ExportError as exc:
                 error = str(exc)
                 if exc.permanent:
                     final = True
-                    hint = (
+                    hint = exc.hint or (
                         "; not retried: fix the destination's tls settings (or the peer's "
                         "certificate), then reload the node (SIGHUP) or `ctmtl-node resend`"
                     )
@@ -488,7 +537,7 @@ class Exporter(NodePart):
             )
 
     def recheck_failed(self, force: bool = False) -> int:
-        """C-ECHO destinations with failed deliveries (every `export.recheck_failed_s`).
+        """C-ECHO (QIDO-RS) destinations with failed deliveries (`export.recheck_failed_s`).
 
         Each echo runs on the pool; when the destination answers, its failed deliveries
         are queued again (`requeue_failed`). After a config reload the echoes run at once
@@ -518,12 +567,12 @@ class Exporter(NodePart):
         return started
 
     def _recheck(self, dest: Destination) -> None:
-        peer = peer_for(dest, self.config.node.ae_title)
-        down = _tcp_problem(peer)  # usually still down: no association attempt, no log noise
+        peer = target_for(dest, self.config.node.ae_title)
+        down = peer.unreachable()  # usually still down: no association or request, no noise
         if down is not None:
             logger.debug("%s has failed deliveries and is still unreachable: %s", dest.name, down)
             return
-        ok, message = echo(peer)
+        ok, message = peer.check()
         if not ok:
             logger.debug("%s has failed deliveries and does not answer yet: %s", dest.name, message)
             return
@@ -538,8 +587,9 @@ class Exporter(NodePart):
                 dest.name,
             )
         logger.info(
-            "destination %s answers C-ECHO again (%s): %d failed deliveries queued again",
+            "destination %s answers %s again (%s): %d failed deliveries queued again",
             dest.name,
+            "C-ECHO" if isinstance(peer, Peer) else "QIDO-RS",
             message,
             len(queued),
         )

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from dicom_node.config import NodeConfig, StartupError
+from dicom_node.config import DicomDestination, DicomWebDestination, NodeConfig, StartupError
 from dicom_node.redact import mask_secrets
 
 if TYPE_CHECKING:
@@ -95,11 +95,67 @@ def tls_problems(cfg: NodeConfig, inbound: bool = True, outbound: bool = True) -
             problems.append(Problem("node.tls", str(exc)))
     if outbound:
         for i, dest in enumerate(cfg.destinations):
-            if dest.tls.enabled:
+            if isinstance(dest, DicomDestination) and dest.tls.enabled:
                 try:
                     client_context(dest.tls)
                 except (TLSConfigError, OSError) as exc:
                     problems.append(Problem(f"destinations.{i}.tls", f"{dest.name}: {exc}"))
+    return problems
+
+
+# --------------------------------------------------------------------------- DICOMweb
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def dicomweb_problems(cfg: NodeConfig) -> list[Problem]:
+    """Each DICOMweb destination's secret can be read and its CA file loads.
+
+    The secret itself is never part of a message. Warnings: a secret file other users may
+    read, credentials sent over plain http to another host.
+    """
+    import ssl
+    from urllib.parse import urlsplit
+
+    from dicom_node.dicomweb import SecretError, read_secret, secret_file_readable_by_others
+
+    problems: list[Problem] = []
+    for i, dest in enumerate(cfg.destinations):
+        if not isinstance(dest, DicomWebDestination):
+            continue
+        key = f"destinations.{i}"
+        if dest.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=str(dest.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(
+                    Problem(f"{key}.ca_file", f"{dest.name}: {dest.ca_file} does not load: {exc}")
+                )
+        if dest.auth is None:
+            continue
+        try:
+            read_secret(dest.auth)
+        except SecretError as exc:
+            problems.append(Problem(f"{key}.auth", f"{dest.name}: {exc}"))
+            continue
+        if secret_file_readable_by_others(dest.auth):
+            problems.append(
+                Problem(
+                    f"{key}.auth.secret_file",
+                    f"{dest.name}: {dest.auth.secret_file} is readable by other users "
+                    "(chmod 600, or use systemd LoadCredential)",
+                    "warning",
+                )
+            )
+        if not dest.secure and urlsplit(dest.url).hostname not in _LOOPBACK:
+            problems.append(
+                Problem(
+                    f"{key}.url",
+                    f"{dest.name}: {dest.auth.type} credentials go over plain http to "
+                    f"{urlsplit(dest.url).hostname}; use https://",
+                    "warning",
+                )
+            )
     return problems
 
 
@@ -351,6 +407,7 @@ def config_problems(cfg: NodeConfig, connect: bool = True) -> list[Problem]:
     """Everything `config check` looks at beyond the schema."""
     return [
         *tls_problems(cfg),
+        *dicomweb_problems(cfg),
         *checkpoint_problems(cfg, required=cfg.worker.enabled),
         *spool_problems(cfg),
         *database_problems(cfg, connect=connect, thorough=False),
@@ -363,6 +420,7 @@ def startup_problems(
     """What a node process with these parts needs before it starts any thread."""
     return [
         *tls_problems(cfg, inbound=inbound_tls, outbound=outbound_tls),
+        *(dicomweb_problems(cfg) if outbound_tls else []),
         *(checkpoint_problems(cfg, required=True) if model else []),
         *spool_problems(cfg),
         *database_problems(cfg, connect=True, thorough=True),

@@ -4,7 +4,7 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k orthanc`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES="orthanc dcmtk dicom3tools postgresql systemd openssl"
+APT_PACKAGES="orthanc orthanc-dicomweb socat dcmtk dicom3tools postgresql systemd openssl"
 missing=""
 for p in $APT_PACKAGES; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
