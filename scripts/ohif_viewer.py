@@ -27,6 +27,7 @@ import logging
 import os
 import posixpath
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -434,6 +435,10 @@ def dicom_files(folders: Iterable[Path]) -> list[Path]:
     return found
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Show DICOM folders (CT, the node's SEG/SR/SC) in OHIF on loopback; "
@@ -444,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help=f"OHIF cache folder (default {cache_root()})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     dist = ensure_ohif(args.cache)
     files = dicom_files(args.folders)
     if not files:
@@ -461,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)
+            print("stopping")
             server.stop()
         finally:
             orthanc.stop()

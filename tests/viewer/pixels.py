@@ -120,21 +120,21 @@ def check_overlay(
     )
 
 
-def ct_agreement(
-    screen: np.ndarray,
-    transform: ImageToCanvas,
-    hu: np.ndarray,
-    voi: tuple[float, float],
-    inside: np.ndarray,
+def agreement(
+    screen: np.ndarray, transform: ImageToCanvas, expected: np.ndarray, inside: np.ndarray
 ) -> float:
     """Pearson correlation between the screen's grey levels at the image's pixel centres
-    and the CT slice `hu` in the viewer's window `voi` (lower, upper), over `inside`
-    pixels: near 1 only when the viewer draws this very slice."""
+    and `expected` (the image as it should look, grey levels of any scale) over `inside`
+    pixels: near 1 only when the viewer draws this very image there."""
     rows, columns = np.nonzero(inside)
     xy = np.floor(transform.to_canvas(rows.astype(float), columns.astype(float))).astype(int)
     h, w = screen.shape[:2]
     on = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
     grey = screen[xy[on, 1], xy[on, 0], :3].astype(float).mean(axis=1)
+    return float(np.corrcoef(grey, expected[rows[on], columns[on]].astype(float))[0, 1])
+
+
+def windowed(hu: np.ndarray, voi: tuple[float, float]) -> np.ndarray:
+    """A CT slice as the viewer's window (lower, upper) draws it, 0..1."""
     lower, upper = voi
-    expected = np.clip((hu[rows[on], columns[on]] - lower) / (upper - lower), 0.0, 1.0)
-    return float(np.corrcoef(grey, expected)[0, 1])
+    return np.clip((hu - lower) / (upper - lower), 0.0, 1.0)

@@ -24,7 +24,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from viewer.pixels import ImageToCanvas, check_overlay, ct_agreement, far_from_segments
+from viewer.pixels import ImageToCanvas, agreement, check_overlay, far_from_segments, windowed
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -54,9 +54,9 @@ GO_TO_SLICE = """async (sop) => {
   // as the stack scroll tool does: a bare vp.setImageIdIndex() moved the labelmap but
   // left the previous CT image drawn
   await window.cornerstone.utilities.jumpToSlice(vp.element, {imageIndex: index});
-  const seg = s.segmentationService.getSegmentations()[0];
-  return {viewportId, index, segmentationId: seg.segmentationId, label: seg.label,
-          segments: Object.values(seg.segments).map(x => [x.segmentIndex, x.label])};
+  const seg = s.segmentationService.getSegmentations()[0];  // none without a SEG shown
+  return {viewportId, index, segmentationId: seg?.segmentationId, label: seg?.label,
+          segments: seg ? Object.values(seg.segments).map(x => [x.segmentIndex, x.label]) : []};
 }"""
 
 VIEWPORT_READY = """() => {
@@ -249,8 +249,9 @@ def test_seg_overlay_drawn_on_the_ct_in_ohif(
     voi = tuple(page.evaluate(VOI, viewport_id))
     hu = slice_hu(target.path)
     body = hu > -1000
-    same = ct_agreement(hidden, transform, hu, voi, body)
-    other = ct_agreement(hidden, transform, slice_hu(slice_away(target, covid_files)), voi, body)
+    same = agreement(hidden, transform, windowed(hu, voi), body)
+    away = windowed(slice_hu(slice_away(target, covid_files)), voi)
+    other = agreement(hidden, transform, away, body)
     assert same > 0.95 and other < same - 0.1, (same, other)
 
     lesion_rc = np.argwhere(target.masks[LESION])
@@ -282,6 +283,29 @@ def test_seg_overlay_drawn_on_the_ct_in_ohif(
     print(
         f"viewer check {time.monotonic() - started:.1f} s; {result}; CT r {same:.3f} / {other:.3f}"
     )
+
+
+DISPLAY_SETS = """() => {
+  try {
+    return window.services.displaySetService.getActiveDisplaySets().map(d => ({
+      uid: d.displaySetInstanceUID, modality: d.Modality, description: d.SeriesDescription,
+      report: !!d.isImagingMeasurementReport, loaded: !!d.isLoaded,
+      groups: (d.measurements || []).map(m => [m.TrackingIdentifier,
+        (m.labels || []).map(l => [l.label, l.value]), (m.coords || []).length])}));
+  } catch (e) { return []; }
+}"""
+
+IN_VIEWPORT = """() => {
+  const s = window.services;
+  const id = s.viewportGridService.getActiveViewportId();
+  return s.viewportGridService.getState().viewports.get(id).displaySetInstanceUIDs;
+}"""
+
+
+def open_series(page: Page, description: str, uid: str) -> None:
+    """Double-click the series in OHIF's study browser, as a reader does."""
+    page.get_by_text(description, exact=True).first.dblclick()
+    page.wait_for_function(f"() => ({IN_VIEWPORT})().includes('{uid}')")
 
 
 def show_slice(page: Page, sop: str, attempts: int = 5) -> dict[str, Any]:
@@ -321,3 +345,81 @@ def shift_off_the_lesions(mask: np.ndarray) -> int:
         if overlap <= 0.1 * total:
             return shift
     raise AssertionError("no shift moves the lesion mask off itself")
+
+
+def red_tinted(rgb_image: np.ndarray) -> np.ndarray:
+    """Pixels the Secondary Capture tints as lesion (red well above green and blue)."""
+    image = rgb_image.astype(int)
+    return (image[..., 0] - np.maximum(image[..., 1], image[..., 2])) > 40
+
+
+def test_sr_and_secondary_capture_as_ohif_shows_them(
+    watched: Watched,
+    viewer: Any,
+    ricord_results: SeriesResult,
+    artefacts: Path,
+) -> None:
+    """What a reader gets of the SR and the SC in OHIF (docs/results.md): the SR's numbers
+    are read (OHIF draws nothing of it: no image coordinates); the SC is drawn as it is."""
+    r = ricord_results
+    page = watched.page
+    study = str(pydicom.dcmread(r.sr_path, stop_before_pixels=True).StudyInstanceUID)
+    page.goto(viewer.study_url(study, None))
+    page.wait_for_function(f"() => ({DISPLAY_SETS})().length >= 4")
+    sets = {d["modality"]: d for d in page.evaluate(DISPLAY_SETS)}
+    assert set(sets) == {"CT", "SEG", "SR", "OT"}  # highdicom's SC modality is OT
+
+    # the SR: listed under its description, parsed as a TID 1500 report with our numbers
+    sr = sets["SR"]
+    open_series(page, sr["description"], sr["uid"])
+    page.wait_for_function(
+        f"() => ({DISPLAY_SETS})().some(d => d.modality === 'SR' && d.loaded)", timeout=60_000
+    )
+    sr = {d["modality"]: d for d in page.evaluate(DISPLAY_SETS)}["SR"]
+    assert sr["report"]
+    groups = {name: dict(labels) for name, labels, _ in sr["groups"]}
+    assert groups == {
+        "COVID-19 classification": {"Probability": f"{r.covid_probability:.2f} 1"},
+        "Lung lesions": {
+            "Volume": f"{r.lesion_volume_ml:.2f} ml",
+            "Percent of lung volume involved": f"{r.lung_involvement_percent:.2f} %",
+        },
+        "Lungs": {"Volume": f"{r.lung_volume_ml:.2f} ml"},
+    }
+    time.sleep(2)
+    page.screenshot(path=artefacts / "ohif_sr.png")
+
+    # the SC: drawn pixel for pixel, on its slice with the most tinted lesion
+    sc = sets["OT"]
+    open_series(page, sc["description"], sc["uid"])
+    images = {p: pydicom.dcmread(p) for p in r.extra_paths}
+    best = max(images, key=lambda p: int(red_tinted(images[p].pixel_array).sum()))
+    info = show_slice(page, str(images[best].SOPInstanceUID))
+    pixels = images[best].pixel_array
+    rows, columns = pixels.shape[:2]
+    row_mm, column_mm = (float(v) for v in images[best].PixelSpacing)
+    # no position or orientation in an SC: the viewer places it at the origin, axes x and y
+    corners = [[0, 0, 0], [(columns - 1) * column_mm, 0, 0], [0, (rows - 1) * row_mm, 0]]
+    canvas = page.evaluate(CANVAS, [info["viewportId"], corners])
+    x, y, width, height = canvas["rect"]
+    png = settled_shot(page, {"x": x, "y": y, "width": width, "height": height})
+    (artefacts / "sc_shown.png").write_bytes(png)
+    page.screenshot(path=artefacts / "ohif_sc.png")
+    screen = rgb(png)
+    p00, p0c, pr0 = canvas["points"]
+    transform = ImageToCanvas.from_corners(p00, p0c, pr0, rows=rows, columns=columns)
+    everywhere = np.ones((rows, columns), dtype=bool)
+    same = agreement(screen, transform, pixels.mean(axis=2), everywhere)
+    number = int(images[best].InstanceNumber)
+    far_away = max(images, key=lambda p: abs(int(images[p].InstanceNumber) - number))
+    other = agreement(screen, transform, images[far_away].pixel_array.mean(axis=2), everywhere)
+    assert same > 0.95 and other < same - 0.05, (same, other)
+    lesion = red_tinted(pixels)
+    lesion_xy = transform.to_canvas(*(np.nonzero(lesion)[k].astype(float) for k in (0, 1)))
+    on_screen = red_tinted(screen)[
+        np.floor(lesion_xy[:, 1]).astype(int), np.floor(lesion_xy[:, 0]).astype(int)
+    ]
+    assert on_screen.mean() >= 0.9, on_screen.mean()
+
+    assert watched.errors == []
+    assert watched.foreign_requests() == []
