@@ -420,6 +420,9 @@ def test_sr_and_secondary_capture_as_ohif_shows_them(
         np.floor(lesion_xy[:, 1]).astype(int), np.floor(lesion_xy[:, 0]).astype(int)
     ]
     assert on_screen.mean() >= 0.9, on_screen.mean()
+    print(
+        f"SC r {same:.3f} / {other:.3f}; tinted lesion pixels red on screen {on_screen.mean():.3f}"
+    )
 
     assert watched.errors == []
     assert watched.foreign_requests() == []
