@@ -96,6 +96,23 @@ SET_VISIBLE = """([viewportId, segmentationId, segment, visible]) => {
 }"""
 
 
+DISPLAY_SETS = """() => {
+  try {
+    return window.services.displaySetService.getActiveDisplaySets().map(d => ({
+      uid: d.displaySetInstanceUID, modality: d.Modality, description: d.SeriesDescription,
+      report: !!d.isImagingMeasurementReport, loaded: !!d.isLoaded,
+      groups: (d.measurements || []).map(m => [m.TrackingIdentifier,
+        (m.labels || []).map(l => [l.label, l.value]), (m.coords || []).length])}));
+  } catch (e) { return []; }
+}"""
+
+IN_VIEWPORT = """() => {
+  const s = window.services;
+  const id = s.viewportGridService.getActiveViewportId();
+  return s.viewportGridService.getState().viewports.get(id).displaySetInstanceUIDs;
+}"""
+
+
 @dataclass
 class Watched:
     """A page with what it did: uncaught errors and every URL it requested."""
@@ -104,6 +121,26 @@ class Watched:
     origin: str
     errors: list[str] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
+    in_flight: set[Any] = field(default_factory=set)
+    last_activity: float = field(default_factory=time.monotonic)
+
+    def started(self, request: Any) -> None:
+        self.urls.append(request.url)
+        self.in_flight.add(request)
+        self.last_activity = time.monotonic()
+
+    def ended(self, request: Any) -> None:
+        self.in_flight.discard(request)
+        self.last_activity = time.monotonic()
+
+    def wait_quiet(self, seconds: float = 2.0, timeout: float = 180.0) -> None:
+        """Until no request has been open for `seconds`: the viewer has loaded what it
+        wanted (its events arrive while playwright waits, hence page.wait_for_timeout)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight or time.monotonic() - self.last_activity < seconds:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.in_flight)} requests still open")
+            self.page.wait_for_timeout(200)
 
     def foreign_requests(self) -> list[str]:
         own = (self.origin + "/", "data:", "blob:")
@@ -119,6 +156,7 @@ class TargetSlice:
     ct: pydicom.Dataset
     masks: dict[int, np.ndarray]  # segment number -> (rows, columns) bool
     labels: dict[int, str]
+    description: str  # the SEG's Series Description
     colours: dict[int, tuple[int, int, int]]
 
     def world(self, row: float, column: float) -> list[float]:
@@ -151,6 +189,7 @@ def target_slice(seg_path: Path, ct_files: list[Path]) -> TargetSlice:
         ct=ct,
         masks=by_sop[best],
         labels={int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence},
+        description=str(seg.SeriesDescription),
         colours={
             int(s.SegmentNumber): tuple(  # type: ignore[misc]
                 hd.color.CIELabColor.from_dicom_value(
@@ -173,7 +212,9 @@ def watched(chromium: Browser, viewer: Any) -> Iterator[Watched]:
     page.set_default_timeout(120_000)
     w = Watched(page, viewer.origin)
     page.on("pageerror", lambda exc: w.errors.append(str(exc)))
-    page.on("request", lambda request: w.urls.append(request.url))
+    page.on("request", w.started)
+    page.on("requestfinished", w.ended)
+    page.on("requestfailed", w.ended)
     yield w
     context.close()
 
@@ -202,6 +243,8 @@ def test_seg_overlay_drawn_on_the_ct_in_ohif(
     covid_files: list[Path],
     artefacts: Path,
 ) -> None:
+    """The lesion segment is drawn where the SEG puts it, in its colour, on the right CT
+    slice, and nothing else changes: what a reader relies on when reading the overlay."""
     started = time.monotonic()
     target = target_slice(ricord_results.seg_path, covid_files)
     assert target.masks[LESION].sum() > 1000  # the shipped model finds RICORD's lesions
@@ -215,8 +258,9 @@ def test_seg_overlay_drawn_on_the_ct_in_ohif(
     for label in target.labels.values():
         page.get_by_text(label, exact=True).first.wait_for(state="visible")
 
-    info = show_slice(page, target.sop_instance_uid)
+    info = show_slice(watched, target.sop_instance_uid)
     assert {int(k): v for k, v in info["segments"]} == target.labels
+    assert info["label"] == target.description  # the panel's name: disclaimer included
     viewport_id, segmentation_id = info["viewportId"], info["segmentationId"]
 
     rows, columns = target.masks[LESION].shape
@@ -285,38 +329,24 @@ def test_seg_overlay_drawn_on_the_ct_in_ohif(
     )
 
 
-DISPLAY_SETS = """() => {
-  try {
-    return window.services.displaySetService.getActiveDisplaySets().map(d => ({
-      uid: d.displaySetInstanceUID, modality: d.Modality, description: d.SeriesDescription,
-      report: !!d.isImagingMeasurementReport, loaded: !!d.isLoaded,
-      groups: (d.measurements || []).map(m => [m.TrackingIdentifier,
-        (m.labels || []).map(l => [l.label, l.value]), (m.coords || []).length])}));
-  } catch (e) { return []; }
-}"""
-
-IN_VIEWPORT = """() => {
-  const s = window.services;
-  const id = s.viewportGridService.getActiveViewportId();
-  return s.viewportGridService.getState().viewports.get(id).displaySetInstanceUIDs;
-}"""
-
-
 def open_series(page: Page, description: str, uid: str) -> None:
     """Double-click the series in OHIF's study browser, as a reader does."""
     page.get_by_text(description, exact=True).first.dblclick()
     page.wait_for_function(f"() => ({IN_VIEWPORT})().includes('{uid}')")
 
 
-def show_slice(page: Page, sop: str, attempts: int = 5) -> dict[str, Any]:
-    """Scroll the viewport to `sop` and wait until that image is drawn and stays: OHIF's
-    own jump to the first segment, right after the SEG is hydrated, can come later."""
+def show_slice(w: Watched, sop: str, attempts: int = 5) -> dict[str, Any]:
+    """Scroll the viewport to `sop` once the viewer has settled, and wait until it stays
+    there. While OHIF still loads the image it opened with (its own jump to the first
+    segment), a scroll could end with that late image drawn under the new slice's labelmap."""
+    page = w.page
     page.wait_for_function(VIEWPORT_READY)
+    w.wait_quiet()
     for _ in range(attempts):
         info = page.evaluate(GO_TO_SLICE, sop)
         assert info is not None, f"CT slice {sop} is not in the viewport's stack"
         page.wait_for_function(SHOWS_SLICE, arg=[info["viewportId"], sop], timeout=60_000)
-        time.sleep(2)
+        w.wait_quiet()
         if page.evaluate(SHOWS_SLICE, [info["viewportId"], sop]):
             return dict(info)
     raise AssertionError(f"the viewport kept leaving slice {sop}")
@@ -394,7 +424,7 @@ def test_sr_and_secondary_capture_as_ohif_shows_them(
     open_series(page, sc["description"], sc["uid"])
     images = {p: pydicom.dcmread(p) for p in r.extra_paths}
     best = max(images, key=lambda p: int(red_tinted(images[p].pixel_array).sum()))
-    info = show_slice(page, str(images[best].SOPInstanceUID))
+    info = show_slice(watched, str(images[best].SOPInstanceUID))
     pixels = images[best].pixel_array
     rows, columns = pixels.shape[:2]
     row_mm, column_mm = (float(v) for v in images[best].PixelSpacing)
