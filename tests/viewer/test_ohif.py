@@ -51,8 +51,7 @@ GO_TO_SLICE = """async (sop) => {
   const vp = s.cornerstoneViewportService.getCornerstoneViewport(viewportId);
   const index = vp.getImageIds().findIndex(id => id.includes('/instances/' + sop + '/'));
   if (index < 0) return null;
-  // as the stack scroll tool does: a bare vp.setImageIdIndex() moved the labelmap but
-  // left the previous CT image drawn
+  // as OHIF's own commands and the stack scroll tool do
   await window.cornerstone.utilities.jumpToSlice(vp.element, {imageIndex: index});
   const seg = s.segmentationService.getSegmentations()[0];  // none without a SEG shown
   return {viewportId, index, segmentationId: seg?.segmentationId, label: seg?.label,
@@ -253,11 +252,6 @@ def test_seg_overlay_drawn_on_the_ct_in_ohif(
     page.goto(viewer.study_url(study, "@ohif/seg"))
     page.wait_for_function(SEGMENTS_READY)
 
-    # the Segmentation panel lists the SEG's segment labels
-    page.evaluate(f"() => window.services.panelService.activatePanel('{SEGMENTATION_PANEL}', true)")
-    for label in target.labels.values():
-        page.get_by_text(label, exact=True).first.wait_for(state="visible")
-
     info = show_slice(watched, target.sop_instance_uid)
     assert {int(k): v for k, v in info["segments"]} == target.labels
     assert info["label"] == target.description  # the panel's name: disclaimer included
@@ -271,10 +265,6 @@ def test_seg_overlay_drawn_on_the_ct_in_ohif(
     clip = {"x": x, "y": y, "width": width, "height": height}
     p00, p0c, pr0 = canvas["points"]
     transform = ImageToCanvas.from_corners(p00, p0c, pr0, rows=rows, columns=columns)
-
-    # as a reader opens it: every segment shown, the panel open
-    settled_shot(page, clip)
-    page.screenshot(path=artefacts / "ohif_seg.png")
 
     def shot(name: str, lesion: bool) -> np.ndarray:
         page.evaluate(SET_VISIBLE, [viewport_id, segmentation_id, LESION, lesion])
@@ -322,6 +312,18 @@ def test_seg_overlay_drawn_on_the_ct_in_ohif(
     both_hidden = check_overlay(hidden_again, hidden, lesion_xy, far, colour)
     assert not both_hidden.passes and both_hidden.coloured < 0.05, both_hidden
 
+    # the Segmentation panel lists the SEG's segment labels. Opened last: in OHIF 3.13.2
+    # (headless, software WebGL) opening it often froze the CT image at the slice then shown
+    # while the labelmap kept following the scroll (docs/results.md)
+    for segment in target.labels:
+        page.evaluate(SET_VISIBLE, [viewport_id, segmentation_id, segment, True])
+    page.evaluate(f"() => window.services.panelService.activatePanel('{SEGMENTATION_PANEL}', true)")
+    for label in target.labels.values():
+        page.get_by_text(label, exact=True).first.wait_for(state="visible")
+    watched.wait_quiet()
+    settled_shot(page, clip)
+    page.screenshot(path=artefacts / "ohif_seg.png")  # as a reader sees it, panel open
+
     assert watched.errors == []
     assert watched.foreign_requests() == []
     print(
@@ -336,9 +338,8 @@ def open_series(page: Page, description: str, uid: str) -> None:
 
 
 def show_slice(w: Watched, sop: str, attempts: int = 5) -> dict[str, Any]:
-    """Scroll the viewport to `sop` once the viewer has settled, and wait until it stays
-    there. While OHIF still loads the image it opened with (its own jump to the first
-    segment), a scroll could end with that late image drawn under the new slice's labelmap."""
+    """Scroll the viewport to `sop` once the viewer has settled (nothing loading), and wait
+    until it stays there (OHIF's own jump to the first segment may come late)."""
     page = w.page
     page.wait_for_function(VIEWPORT_READY)
     w.wait_quiet()
