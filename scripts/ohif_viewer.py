@@ -450,13 +450,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
-    dist = ensure_ohif(args.cache)
     files = dicom_files(args.folders)
     if not files:
         print(f"no DICOM files under {', '.join(map(str, args.folders))}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="ctmtl-viewer-") as tmp:
-        orthanc = OrthancDicomWeb(Path(tmp) / "orthanc")
+        try:
+            dist = ensure_ohif(args.cache)
+            orthanc = OrthancDicomWeb(Path(tmp) / "orthanc")
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         try:
             orthanc.upload(files)
             server = ViewerServer(dist, orthanc.http_port, args.port)
