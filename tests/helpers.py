@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: floa
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(step)
+
+
+def orthanc_answers(proc: subprocess.Popen[Any], get: Callable[[str], Any]) -> bool:
+    """Whether the Orthanc started as `proc` answers its REST API (`get("/system")`); fails
+    the test at once if it exited instead (a bad config, a port taken)."""
+    if proc.poll() is not None:
+        pytest.fail(f"Orthanc exited with {proc.returncode}")
+    try:
+        return bool(get("/system"))
+    except (urllib.error.URLError, ConnectionError):
+        return False
 
 
 # ------------------------------------------------------------------------ external tools

@@ -14,7 +14,6 @@ import logging
 import shutil
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,7 +31,15 @@ from dicom_node.config import ConfigError, DicomWebDestination, StartupError, lo
 from dicom_node.db import Database, Delivery, DeliveryState, Result
 from dicom_node.export import Exporter, retry_when_answering
 from dicom_node.service import NodeService
-from helpers import StoreSCP, add_done_result, free_port, port_open, stop_process, wait_for
+from helpers import (
+    StoreSCP,
+    add_done_result,
+    free_port,
+    orthanc_answers,
+    port_open,
+    stop_process,
+    wait_for,
+)
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -88,12 +95,7 @@ class OrthancWeb:
 
     def _up(self) -> bool:
         assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"Orthanc exited with {self.proc.returncode}")
-        try:
-            return bool(self.get("/system"))
-        except (urllib.error.URLError, ConnectionError):
-            return False
+        return orthanc_answers(self.proc, self.get)
 
     def get(self, path: str) -> Any:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from sqlalchemy import select
 from dicom_node.config import NodeConfig
 from dicom_node.db import Delivery, DeliveryState, Job, Result
 from dicom_node.service import NodeService
-from helpers import free_port, stop_process, wait_for
+from helpers import free_port, orthanc_answers, stop_process, wait_for
 
 ORTHANC = "/usr/sbin/Orthanc"
 
@@ -76,12 +75,7 @@ class Orthanc:
         wait_for(self._up, 30, "Orthanc REST API")
 
     def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail(f"Orthanc exited with {self.proc.returncode}")
-        try:
-            return bool(self.get("/system"))
-        except (urllib.error.URLError, ConnectionError):
-            return False
+        return orthanc_answers(self.proc, self.get)
 
     def request(
         self,
