@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -30,16 +30,21 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
+    case,
     create_engine,
     event,
+    func,
+    insert,
     or_,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -302,6 +307,12 @@ class Database:
         finally:
             session.close()
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection in one transaction, without the ORM (the ingest path's statements)."""
+        with self.engine.begin() as conn:
+            yield conn
+
     def upgrade(self, revision: str = "head") -> tuple[str | None, str | None]:
         """Run the alembic migrations (start-up and `db upgrade`); (revision before, after).
 
@@ -397,41 +408,83 @@ class KnownInstance:
     sha256: str
 
 
+#: The tables under the ORM classes: the ingest path uses plain SQL statements (no ORM
+#: compilation or session synchronisation per row).
+_STUDIES = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCES = cast(Table, Instance.__table__)
+_STORED_INSTANCES = (
+    select(
+        _INSTANCES.c.id,
+        _INSTANCES.c.sop_instance_uid,
+        _INSTANCES.c.series_id,
+        _SERIES.c.series_instance_uid.label("series_uid"),
+        _INSTANCES.c.path,
+        _INSTANCES.c.sha256,
+        _INSTANCES.c.size,
+        _INSTANCES.c.times_received,
+    )
+    .join(_SERIES, _SERIES.c.id == _INSTANCES.c.series_id)
+    .where(_INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+)
+
+
 def find_instance(db: Database, sop_uid: str) -> KnownInstance | None:
-    with db.session() as s:
-        row = s.execute(
-            select(Series.series_instance_uid, Instance.path, Instance.sha256)
-            .join(Series, Series.id == Instance.series_id)
-            .where(Instance.sop_instance_uid == sop_uid)
-        ).first()
-    return None if row is None else KnownInstance(row[0], row[1], row[2])
+    with db.transaction() as conn:
+        return known_instances(conn, [sop_uid]).get(sop_uid)
+
+
+def stored_instances(conn: Connection, sop_uids: Collection[str]) -> dict[str, dict[str, Any]]:
+    """The rows earlier C-STOREs left for these SOP Instance UIDs, with their series' UID
+    (one query for a batch): id, series_id, series_uid, path, sha256, size, times_received."""
+    if not sop_uids:
+        return {}
+    rows = conn.execute(_STORED_INSTANCES, {"uids": sorted(set(sop_uids))})
+    return {row.sop_instance_uid: dict(row._mapping) for row in rows}
+
+
+def known_instances(conn: Connection, sop_uids: Collection[str]) -> dict[str, KnownInstance]:
+    """What the duplicate check needs of `stored_instances`."""
+    return {
+        uid: KnownInstance(row["series_uid"], row["path"], row["sha256"])
+        for uid, row in stored_instances(conn, sop_uids).items()
+    }
 
 
 def _study_and_series(
-    s: Session, study_uid: str, series_uid: str, modality: str | None, now: dt.datetime
-) -> tuple[Series, bool]:
-    """The series row (and its study's), created in `receiving` when first seen."""
-    study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
-    if study is None:
-        study = Study(study_instance_uid=study_uid, created_at=now)
-        s.add(study)
-        s.flush()
-    series = s.scalars(select(Series).where(Series.series_instance_uid == series_uid)).first()
-    if series is not None:
-        return series, False
-    series = Series(
-        study_id=study.id,
-        series_instance_uid=series_uid,
-        modality=modality,
-        state=SeriesState.RECEIVING,
-        n_instances=0,
-        received_bytes=0,
-        first_received_at=now,
-        last_received_at=now,
+    conn: Connection, study_uid: str, series_uid: str, modality: str | None, now: dt.datetime
+) -> tuple[int, str, bool]:
+    """The series row's id and state (and its study's row), created in `receiving` when
+    first seen; True when created here."""
+    se, st = _SERIES.c, _STUDIES.c
+    found = conn.execute(
+        select(se.id, se.state).where(se.series_instance_uid == series_uid)
+    ).first()
+    if found is not None:
+        return found[0], found[1], False
+    study_id = conn.scalar(select(st.id).where(st.study_instance_uid == study_uid))
+    if study_id is None:
+        added = conn.execute(insert(_STUDIES).values(study_instance_uid=study_uid, created_at=now))
+        study_id = _new_id(added)
+    added = conn.execute(
+        insert(_SERIES).values(
+            study_id=study_id,
+            series_instance_uid=series_uid,
+            modality=modality,
+            state=SeriesState.RECEIVING,
+            n_instances=0,
+            received_bytes=0,
+            first_received_at=now,
+            last_received_at=now,
+        )
     )
-    s.add(series)
-    s.flush()
-    return series, True
+    return _new_id(added), SeriesState.RECEIVING, True
+
+
+def _new_id(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def record_refusal(
@@ -451,7 +504,10 @@ def record_refusal(
     for attempt in range(3):
         try:
             with db.session() as s:
-                series, new = _study_and_series(s, study_uid, series_uid, modality, now)
+                series_id, _, new = _study_and_series(
+                    s.connection(), study_uid, series_uid, modality, now
+                )
+                series = s.get_one(Series, series_id)
                 refusals = dict(series.refusals or {})
                 refusals[reason] = refusals.get(reason, 0) + 1
                 series.refusals = refusals
@@ -497,8 +553,8 @@ def record_instance(
     """
     for attempt in range(3):
         try:
-            with db.session() as s:
-                return _record_instance(s, rec, now or utcnow())
+            with db.transaction() as conn:
+                return record_instances(conn, [rec], now or utcnow())[0]
         except IntegrityError:  # a concurrent association inserted the same study/series
             if attempt == 2:
                 raise
@@ -506,56 +562,173 @@ def record_instance(
     raise AssertionError("unreachable")
 
 
-def _set_file(inst: Instance, rec: InstanceRecord, now: dt.datetime) -> None:
-    """The columns that describe the stored file (new instance or changed re-send)."""
-    inst.sop_class_uid = rec.sop_class_uid
-    inst.transfer_syntax_uid = rec.transfer_syntax_uid
-    inst.path = rec.path
-    inst.size = rec.size
-    inst.sha256 = rec.sha256
-    inst.received_at = now
+@dataclass
+class _SeriesTally:
+    """One series' row as read at the start of a batch, and what the batch adds to it."""
+
+    id: int
+    state: str
+    new: bool
+    instances: int = 0
+    bytes: int = 0
+    last_received_at: dt.datetime | None = None  # set unless only identical re-sends came
+    reopen: bool = False
+    open_until: dt.datetime | None = None
+    rec: InstanceRecord | None = None  # the last one: caller and modality
+
+    def params(self) -> dict[str, Any]:
+        rec = self.rec
+        assert rec is not None
+        return {
+            "b_id": self.id,
+            "b_instances": self.instances,
+            "b_bytes": self.bytes,
+            "b_open_until": self.open_until,
+            "b_calling_ae": rec.calling_ae,
+            "b_calling_host": rec.calling_host,
+            "b_called_ae": rec.called_ae,
+            "b_modality": rec.modality or None,
+            "b_last": self.last_received_at,
+            "b_reopen": self.reopen,
+        }
 
 
-def _record_instance(s: Session, rec: InstanceRecord, now: dt.datetime) -> IngestOutcome:
-    series, new_series = _study_and_series(s, rec.study_uid, rec.series_uid, rec.modality, now)
-    inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == rec.sop_uid)).first()
-    new_instance = inst is None
-    changed = True
-    if inst is None:
-        inst = Instance(series_id=series.id, sop_instance_uid=rec.sop_uid, times_received=1)
-        _set_file(inst, rec, now)
-        s.add(inst)
-        series.n_instances = (series.n_instances or 0) + 1
-        series.received_bytes = (series.received_bytes or 0) + rec.size
-    elif inst.series_id != series.id:
-        other = s.get(Series, inst.series_id)
-        raise InstanceConflict(
-            "SOP Instance UID already belongs to series "
-            + (other.series_instance_uid if other is not None else "?")
+def _series_update() -> Any:
+    """One statement for every series of a batch (executemany): counters added, the caller
+    and the open association's deadline set, a finished series reopened where asked."""
+    se = _SERIES.c
+    reopen = bindparam("b_reopen", type_=Boolean)
+    return (
+        update(_SERIES)
+        .where(se.id == bindparam("b_id"))
+        .values(
+            n_instances=se.n_instances + bindparam("b_instances", type_=Integer),
+            received_bytes=se.received_bytes + bindparam("b_bytes", type_=BigInteger),
+            association_open_until=func.coalesce(
+                bindparam("b_open_until", type_=DateTime), se.association_open_until
+            ),
+            calling_ae=bindparam("b_calling_ae", type_=String),
+            calling_host=bindparam("b_calling_host", type_=String),
+            called_ae=bindparam("b_called_ae", type_=String),
+            modality=func.coalesce(
+                func.nullif(se.modality, ""), bindparam("b_modality", type_=String)
+            ),
+            last_received_at=func.coalesce(
+                bindparam("b_last", type_=DateTime), se.last_received_at
+            ),
+            state=case((reopen, SeriesState.RECEIVING), else_=se.state),
+            reason=case((reopen, None), else_=se.reason),
+            purged_at=case((reopen, None), else_=se.purged_at),
         )
-    else:
-        changed = inst.sha256 != rec.sha256
-        inst.times_received += 1
-        if changed:
-            series.received_bytes = (series.received_bytes or 0) + rec.size - inst.size
-            _set_file(inst, rec, now)
-    if rec.open_for_s is not None:
-        series.association_open_until = now + dt.timedelta(seconds=rec.open_for_s)
-    series.calling_ae = rec.calling_ae
-    series.calling_host = rec.calling_host
-    series.called_ae = rec.called_ae
-    if rec.modality and not series.modality:
-        series.modality = rec.modality
-    reopened = False
-    if series.state == SeriesState.RECEIVING:
-        series.last_received_at = now
-    elif changed:
-        reopened = True
-        series.state = SeriesState.RECEIVING
-        series.reason = None
-        series.last_received_at = now
-        series.purged_at = None
-    return IngestOutcome(series.id, new_instance, changed, reopened, new_series)
+    )
+
+
+#: The batch statements, built once (SQLAlchemy memoises a built statement's cache key).
+_SERIES_UPDATE = _series_update()
+_SERIES_STATES = select(_SERIES.c.series_instance_uid, _SERIES.c.id, _SERIES.c.state).where(
+    _SERIES.c.series_instance_uid.in_(bindparam("uids", expanding=True))
+)
+_INSERT_INSTANCE = insert(_INSTANCES)
+
+
+def record_instances(
+    conn: Connection,
+    recs: Sequence[InstanceRecord],
+    now: dt.datetime,
+    stored: dict[str, dict[str, Any]] | None = None,
+) -> list[IngestOutcome]:
+    """`record_instance` for a batch, in the caller's transaction, in plain SQL statements
+    (a few per batch, not per row): the index writer commits the rows of many C-STOREs at
+    once (`dicom_node.index`), where per-instance ORM sessions cost most of the SCP's time.
+
+    `stored` is `stored_instances` for these UIDs when the caller has it already. A SOP
+    Instance UID that names an instance of another series raises `InstanceConflict` (the
+    caller checks that first; the batch is then retried one instance at a time).
+    """
+    if not recs:
+        return []
+    tallies: dict[str, _SeriesTally] = {}
+    for uid, series_id, state in conn.execute(
+        _SERIES_STATES, {"uids": sorted({r.series_uid for r in recs})}
+    ):
+        tallies[uid] = _SeriesTally(series_id, state, new=False)
+    for rec in recs:
+        if rec.series_uid not in tallies:
+            made = _study_and_series(conn, rec.study_uid, rec.series_uid, rec.modality, now)
+            tallies[rec.series_uid] = _SeriesTally(*made)
+    if stored is None:
+        stored = stored_instances(conn, {r.sop_uid for r in recs})
+    known = dict(stored)  # rows added by this batch join it (a UID sent twice at once)
+    inserts: list[dict[str, Any]] = []
+    updates: dict[str, dict[str, Any]] = {}
+    outcomes: list[IngestOutcome] = []
+    for rec in recs:
+        tally = tallies[rec.series_uid]
+        files = {
+            "sop_class_uid": rec.sop_class_uid,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "path": rec.path,
+            "size": rec.size,
+            "sha256": rec.sha256,
+            "received_at": now,
+        }
+        row = known.get(rec.sop_uid)
+        new_instance = row is None
+        changed = True
+        if row is None:
+            row = {"series_id": tally.id, "sop_instance_uid": rec.sop_uid, "times_received": 1}
+            row.update(files)
+            inserts.append(row)  # a second copy in this batch updates this dict in place
+            known[rec.sop_uid] = row
+            tally.instances += 1
+            tally.bytes += rec.size
+        elif row["series_id"] != tally.id:
+            owner = row.get("series_uid") or "?"
+            raise InstanceConflict(f"SOP Instance UID already belongs to series {owner}")
+        else:
+            if "id" in row:  # a stored row: changed in a copy, written by an UPDATE
+                row = known[rec.sop_uid] = updates[rec.sop_uid] = dict(row)
+            changed = row["sha256"] != rec.sha256
+            row["times_received"] += 1
+            if changed:
+                tally.bytes += rec.size - row["size"]
+                row.update(files)
+        tally.rec = rec
+        if rec.open_for_s is not None:
+            tally.open_until = now + dt.timedelta(seconds=rec.open_for_s)
+        reopened = False
+        if tally.state == SeriesState.RECEIVING:
+            tally.last_received_at = now
+        elif changed:
+            reopened = tally.reopen = True
+            tally.state = SeriesState.RECEIVING
+            tally.last_received_at = now
+        new_series, tally.new = tally.new, False
+        outcomes.append(IngestOutcome(tally.id, new_instance, changed, reopened, new_series))
+    if inserts:
+        conn.execute(_INSERT_INSTANCE, inserts)
+    i = _INSTANCES.c
+    for changes in updates.values():
+        conn.execute(
+            update(_INSTANCES)
+            .where(i.id == changes["id"])
+            .values({k: v for k, v in changes.items() if k in _INSTANCE_UPDATABLE})
+        )
+    conn.execute(_SERIES_UPDATE, [t.params() for t in tallies.values()])
+    return outcomes
+
+
+_INSTANCE_UPDATABLE = frozenset(
+    (
+        "sop_class_uid",
+        "transfer_syntax_uid",
+        "path",
+        "size",
+        "sha256",
+        "received_at",
+        "times_received",
+    )
+)
 
 
 # --------------------------------------------------------------------------- claiming

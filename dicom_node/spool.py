@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,16 @@ class StoredFile:
     size: int
     sha256: str
     replaced: bool
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    """A written and fsynced instance in its series folder, under a temp name."""
+
+    path: Path  # where it goes
+    temp: Path
+    size: int
+    sha256: str
 
 
 class Spool:
@@ -109,22 +120,49 @@ class Spool:
         self, study_uid: str, series_uid: str, sop_uid: str, data: bytes
     ) -> StoredFile:
         """Write one encoded instance (DICOM file format) atomically; return where it went."""
+        pending = self.write_pending(study_uid, series_uid, sop_uid, (data,))
+        return self.place(pending)
+
+    def write_pending(
+        self, study_uid: str, series_uid: str, sop_uid: str, parts: Sequence[bytes | memoryview]
+    ) -> PendingFile:
+        """Write and fsync one encoded instance next to where it goes, not yet in place.
+
+        Why two steps: the association thread writes (the GIL is free during the write and
+        the fsync) and the index writer moves it into place (`place`) in the same batch as
+        its row, after checking that it may replace what is there. `parts` are written one
+        after the other (the file meta, then the data set as received: no copy of the pixel
+        data to join them).
+        """
         path = self.instance_path(study_uid, series_uid, sop_uid)
-        self.check_space(len(data))
+        size = sum(len(part) for part in parts)
+        self.check_space(size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        replaced = path.exists()
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                for part in parts:
+                    fh.write(part)
+                    digest.update(part)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp_name, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
             raise
-        return StoredFile(path, len(data), hashlib.sha256(data).hexdigest(), replaced)
+        return PendingFile(path, Path(tmp_name), size, digest.hexdigest())
+
+    def place(self, pending: PendingFile) -> StoredFile:
+        """Move a pending file into place (`os.replace`: a reader sees the old or the new)."""
+        replaced = pending.path.exists()
+        os.replace(pending.temp, pending.path)
+        return StoredFile(pending.path, pending.size, pending.sha256, replaced)
+
+    def discard(self, pending: PendingFile) -> None:
+        """Remove a pending file that will not be placed (refused, or its row failed)."""
+        with contextlib.suppress(OSError):
+            os.unlink(pending.temp)
 
     def remove(self, path: Path) -> None:
         """Remove a spooled file (used to undo a write whose database row failed)."""

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1
 from pynetdicom import AE, _config
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from sqlalchemy import select, text
 
 from dicom_node.config import NodeConfig
 from dicom_node.db import Instance, Series
+from dicom_node.scp import file_meta_bytes
 from dicom_node.service import NodeService
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -64,11 +66,35 @@ def test_echo_and_store_compressed_and_native(node: NodeService, covid_files: li
     for row, src in zip(rows, covid_files[:2], strict=True):
         stored = pydicom.dcmread(row.path)
         assert stored.file_meta.SourceApplicationEntityTitle == "TESTSCU"
+        assert stored.file_meta.MediaStorageSOPInstanceUID == row.sop_instance_uid
+        assert stored.file_meta.TransferSyntaxUID == row.transfer_syntax_uid
         expected = pydicom.dcmread(src).pixel_array
         np.testing.assert_array_equal(stored.pixel_array, expected)
         assert hashlib.sha256(Path(row.path).read_bytes()).hexdigest() == row.sha256
     # the JPEG file is kept byte for byte: same compressed pixel data as the source
     assert pydicom.dcmread(rows[0].path).PixelData == jpeg.PixelData
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "transfer_syntax", "caller"),
+    [
+        (CT, "1.2.3.4.5", ExplicitVRLittleEndian, "TESTSCU"),  # odd-length UIDs: padded
+        (CT, "1.2.3.4.56", JPEGLosslessSV1, "ABC"),  # odd AE title: padded with a space
+        (SC, "2.25.123456789012345678901234567890123", ImplicitVRLittleEndian, ""),
+    ],
+)
+def test_file_meta_is_byte_for_byte_what_pynetdicom_writes(
+    sop_class: str, sop_instance: str, transfer_syntax: str, caller: str
+) -> None:
+    meta = create_file_meta(
+        sop_class_uid=UID(sop_class),
+        sop_instance_uid=UID(sop_instance),
+        transfer_syntax=UID(transfer_syntax),
+    )
+    meta.SourceApplicationEntityTitle = caller
+    ours = file_meta_bytes(sop_class, sop_instance, transfer_syntax, caller)
+    assert ours == encode_file_meta(meta)
+    assert file_meta_bytes(sop_class, sop_instance + "1", transfer_syntax, caller) != ours
 
 
 def test_resent_instance_is_idempotent(node: NodeService, noncovid_files: list[Path]) -> None:
