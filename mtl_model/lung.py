@@ -15,13 +15,43 @@ Hofmanninger et al. 2020):
 3. 3-D connected components: keep the largest, and the second largest if it is at least
    ``second_component_ratio`` of it (left and right lungs may or may not be joined through
    the airways); bowel gas and small pockets are dropped;
-4. close with a ``closing_radius_mm`` ball (on a grid coarsened to ~2 mm, for speed), fill
+4. trachea and main bronchi out (``remove_airways``): a reader's lung is the parenchyma,
+   and the airway is air joined to it, so steps 1-3 kept it (tens of mL, and on apical
+   slices a round blob in front of the spine). Slice-by-slice tracking from a trachea seed
+   with a size-based stop, as in hoffba/cmi's ``removeAirways.m`` (the classical lung
+   segmentations find the trachea first too: Hu, Hoffman & Reinhardt 2001 by 3-D region
+   growing, van Rikxoort et al. 2009):
+
+   a. seed: on the slices within ``AIRWAY_SEED_DEPTH_MM`` of either end of the mask, a
+      2-D component of 0.3 to 10 cm², filling at least half its bounding box, centred
+      within 10 % of the lungs' left-right extent from their midline (apices are lateral);
+   b. follow it slice by slice: a component of the next slice that overlaps the airway
+      continues it while it stays small (at most twice the branches it overlaps, 10 cm²).
+      At the carina the trachea splits into the two main bronchi, each followed alike;
+   c. a branch ends where its component is large: it has joined the lung at the hilum.
+      If the large component only touches the airway through a thin wall, a 2-D opening
+      (radius ``AIRWAY_BRIDGE_MM``) cuts it loose and the airway goes on;
+   d. a track shorter than ``AIRWAY_MIN_LENGTH_MM`` is not a trachea (an apex or a lung
+      base outgrows the limits within a few slices), and of the two ends of the series
+      the longer track wins: the slice order alone does not say where the head is (PNG
+      stacks carry no geometry);
+   e. the tracked air leaves the mask before closing, so closing does not bridge it
+      again, and bronchi that the lung encloses in their slice come back with its small
+      holes (step 5): what is removed is the trachea and the bronchi up to the hilum;
+5. close with a ``closing_radius_mm`` ball (on a grid coarsened to ~2 mm, for speed), fill
    holes enclosed in 3-D and, per slice, holes up to ``max_hole_area_mm2``, so that
    vessels, nodules and consolidations inside the lung (denser than -320 HU) belong to
    it. Larger 2-D holes are left: at the lung base the lung rings the diaphragm dome.
 
 Limits: consolidation that fills the lung out to the chest wall is not enclosed by air and
-may be partly missed; the trachea and main bronchi are included (tens of mL).
+may be partly missed. Airway removal: a series that starts below the carina keeps its main
+bronchi (no trachea to seed from, or a track too short); where a bronchus merges with the
+lung through more than a thin wall right after the carina, that branch stops early and
+the rest of it stays (a few mL); bronchi at the hilum, half surrounded by lung, go with the
+airway (a few mL of hilum); the closing's fill of the mediastinal tissue between the
+trachea and the lungs (soft tissue, ~10-20 mL, never air) goes too. Measured on the five
+real series of the project: 27-115 mL less lung, Dice 0.997-0.9995 below the carina, no
+slice below the hilum changed; about 0.2 s of the mask's 2-3 s for 255 slices (2 cores).
 """
 
 from __future__ import annotations
@@ -43,6 +73,16 @@ DEFAULT_SECOND_COMPONENT_RATIO = 0.1
 DEFAULT_MIN_COMPONENT_ML = 50.0
 DEFAULT_MAX_HOLE_AREA_MM2 = 500.0
 COARSE_SPACING_MM = 2.0
+# the airway step (trachea and main bronchi); see the module docstring
+AIRWAY_MAX_AREA_MM2 = 1000.0  # a trachea is 1.5 to 6 cm² in cross-section
+AIRWAY_MIN_SEED_AREA_MM2 = 30.0
+AIRWAY_MIDLINE_FRACTION = 0.1  # of the lungs' left-right extent
+AIRWAY_MIN_FILL = 0.5  # of its bounding box: roughly round, not a crescent
+AIRWAY_SEED_DEPTH_MM = 30.0
+AIRWAY_MIN_LENGTH_MM = 20.0
+AIRWAY_GROWTH = 2.0  # per slice, relative to the airway it continues
+AIRWAY_BRIDGE_MM = 3.5  # opening radius that cuts an airway loose from lung it touches
+AIRWAY_WINDOW_MM = 20.0  # how far from the previous slice's airway its continuation is looked for
 MAX_THREADS = 8  # for the slice-by-slice steps
 
 Box = tuple[slice, slice, slice]
@@ -166,6 +206,195 @@ def _largest_components(
     return sitk.GetArrayFromImage(kept).astype(bool)
 
 
+Window = tuple[int, slice, slice]  # slice index, rows, columns
+
+
+def _label_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Face-connected labels of a 2-D mask and each label's pixel count (index 0 unused).
+
+    One thread: on a slice or a small window, starting SimpleITK's threads costs more than
+    the labelling (2.5 ms against 0.7 ms for a 512x512 slice)."""
+    label = sitk.ConnectedComponentImageFilter()
+    label.SetNumberOfThreads(1)
+    labels = sitk.GetArrayFromImage(label.Execute(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    return labels, np.bincount(labels.ravel())
+
+
+def _trim(labels: np.ndarray, rows: slice, cols: slice) -> tuple[np.ndarray, slice, slice]:
+    """``labels`` (a window at ``rows``, ``cols`` of its slice) cut to its non-zero box."""
+    r = np.flatnonzero(labels.any(axis=1))
+    c = np.flatnonzero(labels.any(axis=0))
+    return (
+        labels[r[0] : r[-1] + 1, c[0] : c[-1] + 1],
+        slice(rows.start + r[0], rows.start + r[-1] + 1),
+        slice(cols.start + c[0], cols.start + c[-1] + 1),
+    )
+
+
+def _next_airway(
+    air: np.ndarray,
+    prev: np.ndarray,
+    prev_sizes: np.ndarray,
+    max_pixels: float,
+    radius: list[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The airway on one slice (window ``air``) that continues ``prev`` (labels of the
+    previous slice's airway branches on the same window, sizes ``prev_sizes``).
+
+    A component that overlaps a branch continues it while it stays small: at most
+    ``AIRWAY_GROWTH`` times the branches it overlaps, ``max_pixels`` in all and clear of
+    the window's edge. A larger one is the lung the branch touches or enters; opened with
+    ``radius``, the piece that stays small is kept (the airway only touched the lung through
+    a thin wall), else the branch ends there. Returns labels and sizes as ``prev``.
+    """
+    labels, sizes = _label_2d(air)
+    out = np.zeros(air.shape, dtype=np.int32)
+    out_sizes = [0]
+    edge = np.zeros(sizes.size, dtype=bool)
+    edge[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+
+    def grow(cand: np.ndarray, cand_sizes: np.ndarray, cand_edge: np.ndarray) -> list[int]:
+        """Labels of ``cand`` overlapping ``prev``, and the ones that stay small."""
+        both = (prev > 0) & (cand > 0)
+        n = cand_sizes.size
+        pairs = np.unique(prev[both].astype(np.int64) * n + cand[both])
+        source = np.zeros(n)
+        np.add.at(source, pairs % n, prev_sizes[pairs // n])
+        hit = np.flatnonzero(source > 0)
+        small = (
+            (cand_sizes[hit] <= AIRWAY_GROWTH * source[hit])
+            & (cand_sizes[hit] <= max_pixels)
+            & ~cand_edge[hit]
+        )
+        for label in hit[small]:
+            out[cand == label] = len(out_sizes)
+            out_sizes.append(int(cand_sizes[label]))
+        return [int(label) for label in hit[~small]]
+
+    for label in grow(labels, sizes, edge):
+        opening = sitk.BinaryMorphologicalOpeningImageFilter()
+        opening.SetNumberOfThreads(1)
+        opening.SetKernelRadius(radius)
+        opened = sitk.GetArrayFromImage(
+            opening.Execute(sitk.GetImageFromArray((labels == label).astype(np.uint8)))
+        )
+        sub, sub_sizes = _label_2d(opened)
+        sub_edge = np.zeros(sub_sizes.size, dtype=bool)
+        sub_edge[np.concatenate([sub[0], sub[-1], sub[:, 0], sub[:, -1]])] = True
+        grow(sub, sub_sizes, sub_edge)
+    return out, np.asarray(out_sizes)
+
+
+Track = list[tuple[Window, np.ndarray]]  # airway slices: where, and the mask there
+
+
+def _follow_airway(
+    air: np.ndarray, seed: tuple[Window, np.ndarray], step: int, spacing: tuple[float, float, float]
+) -> Track:
+    """The airway from ``seed`` slice by slice in ``step`` direction, until no branch is
+    left. Every slice works on a window around the previous slice's airway only."""
+    margin = (
+        int(np.ceil(AIRWAY_WINDOW_MM / spacing[1])),
+        int(np.ceil(AIRWAY_WINDOW_MM / spacing[2])),
+    )
+    radius = [
+        max(1, round(AIRWAY_BRIDGE_MM / spacing[2])),
+        max(1, round(AIRWAY_BRIDGE_MM / spacing[1])),
+    ]
+    max_pixels = AIRWAY_MAX_AREA_MM2 / (spacing[1] * spacing[2])
+    track: Track = []
+    (k, rows, cols), mask = seed
+    prev, prev_sizes = _label_2d(mask)
+    ny, nx = air.shape[1:]
+    k += step
+    while 0 <= k < air.shape[0]:
+        prev, rows, cols = _trim(prev, rows, cols)
+        win_rows = slice(max(0, rows.start - margin[0]), min(ny, rows.stop + margin[0]))
+        win_cols = slice(max(0, cols.start - margin[1]), min(nx, cols.stop + margin[1]))
+        placed = np.zeros(
+            (win_rows.stop - win_rows.start, win_cols.stop - win_cols.start), np.int32
+        )
+        placed[
+            rows.start - win_rows.start : rows.stop - win_rows.start,
+            cols.start - win_cols.start : cols.stop - win_cols.start,
+        ] = prev
+        labels, sizes = _next_airway(
+            air[k, win_rows, win_cols], placed, prev_sizes, max_pixels, radius
+        )
+        if sizes.size == 1:
+            break
+        track.append(((k, win_rows, win_cols), labels > 0))
+        prev, prev_sizes, rows, cols = labels, sizes, win_rows, win_cols
+        k += step
+    return track
+
+
+def _airway_seeds(
+    air: np.ndarray, centre_x: float, width: float, spacing: tuple[float, float, float]
+) -> list[tuple[slice, slice, np.ndarray]]:
+    """Trachea-like components of one slice: a few cm², roughly round, centred within
+    ``AIRWAY_MIDLINE_FRACTION`` of ``width`` from the midline (lung apices are lateral).
+
+    Only a band around the midline is labelled (the step runs on up to 2 x 30 mm of
+    slices); a component that reaches the band's side is too wide to be a trachea.
+    Returns each seed's rows, columns and mask there."""
+    half = AIRWAY_MIDLINE_FRACTION * width + AIRWAY_WINDOW_MM / spacing[2]
+    band = slice(max(0, int(centre_x - half)), min(air.shape[1], int(np.ceil(centre_x + half)) + 1))
+    labels, sizes = _label_2d(air[:, band])
+    area_mm2 = sizes * (spacing[1] * spacing[2])
+    ok = (area_mm2 >= AIRWAY_MIN_SEED_AREA_MM2) & (area_mm2 <= AIRWAY_MAX_AREA_MM2)
+    ok[0] = False
+    ok[labels[:, 0]] &= band.start == 0
+    ok[labels[:, -1]] &= band.stop == air.shape[1]
+    seeds = []
+    for label in np.flatnonzero(ok):
+        comp, rows, cols = _trim(labels == label, slice(0, air.shape[0]), band)
+        x = cols.start + float(np.nonzero(comp)[1].mean())
+        if abs(x - centre_x) <= AIRWAY_MIDLINE_FRACTION * width and sizes[label] >= (
+            AIRWAY_MIN_FILL * comp.size
+        ):
+            seeds.append((rows, cols, comp))
+    return seeds
+
+
+def _airways(air: np.ndarray, spacing: tuple[float, float, float]) -> Track:
+    """The trachea and main bronchi in ``air`` (the lungs' air, before closing); empty
+    when no trachea is found.
+
+    Seeds are looked for on the slices within ``AIRWAY_SEED_DEPTH_MM`` of either end of the
+    mask (a stack's order is not known to be feet-to-head); from each, the airway is
+    followed inwards (and outwards up to the end). A track shorter than
+    ``AIRWAY_MIN_LENGTH_MM`` is not a trachea (a lung apex or base grows out of the size
+    limits within a few slices); of the two ends, the longer track wins.
+    """
+    profile = np.asarray(air.any(axis=1))  # (Z, X): one pass for slice range and width
+    zs = np.flatnonzero(profile.any(axis=1))
+    if zs.size == 0:
+        return []
+    cols = np.flatnonzero(profile.any(axis=0))
+    centre_x = (cols[0] + cols[-1]) / 2.0
+    width = float(cols[-1] + 1 - cols[0])
+    depth = max(1, int(AIRWAY_SEED_DEPTH_MM / spacing[0]))
+    best: Track = []
+    for end, step in ((int(zs[-1]), -1), (int(zs[0]), 1)):
+        found: Track = []
+        for k in range(end, end + step * depth, step):
+            if not 0 <= k < air.shape[0]:
+                break
+            for rows, cols_, comp in _airway_seeds(air[k], centre_x, width, spacing):
+                seed = ((k, rows, cols_), comp)
+                track = [seed]
+                track += _follow_airway(air, seed, step, spacing)
+                track += _follow_airway(air, seed, -step, spacing)
+                if len(track) * spacing[0] >= AIRWAY_MIN_LENGTH_MM and len(track) > len(found):
+                    found = track
+            if found:
+                break
+        if len(found) > len(best):
+            best = found
+    return best
+
+
 def _close(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
     """Morphological closing with a ball, computed on a coarse grid and added back."""
     if radius_mm <= 0 or not mask.any():
@@ -231,10 +460,12 @@ def lung_mask(
     second_component_ratio: float = DEFAULT_SECOND_COMPONENT_RATIO,
     min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
     max_hole_area_mm2: float = DEFAULT_MAX_HOLE_AREA_MM2,
+    remove_airways: bool = True,
 ) -> np.ndarray:
     """Boolean (Z, Y, X) lung mask of a CT volume in HU; ``spacing`` is (z, y, x) mm.
 
     Returns an all-false mask when no lung-like air is found (e.g. a phantom, a head CT).
+    ``remove_airways=False`` keeps the trachea and main bronchi in (the earlier mask).
     """
     if hu.ndim != 3:
         raise ValueError(f"expected a (Z, Y, X) volume, got shape {hu.shape}")
@@ -249,6 +480,9 @@ def lung_mask(
         logger.debug("lung mask: no lung-like air found")
         return lungs
     crop = _largest_components(inside[box], spacing, second_component_ratio, min_component_ml)
+    airway = _airways(crop, spacing) if remove_airways else []
+    for (k, rows, cols), air in airway:  # before closing, so that it cannot bridge it back
+        crop[k, rows, cols] &= ~air
     inner = _inner_box(crop, spacing, closing_radius_mm + 2 * COARSE_SPACING_MM)
     if inner is not None:
         crop = crop[inner]
@@ -262,12 +496,18 @@ def lung_mask(
     t4 = time.perf_counter()
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
     logger.debug(
-        "lung mask: %.0f mL in %.2f s (border %.2f, components %.2f, closing %.2f, fill %.2f)",
+        "lung mask: %.0f mL in %.2f s (border %.2f, components and airways %.2f, closing %.2f, "
+        "fill %.2f); trachea and main bronchi: %s",
         float(lungs.sum()) * voxel_ml,
         t4 - t0,
         t1 - t0,
         t2 - t1,
         t3 - t2,
         t4 - t3,
+        "not looked for"
+        if not remove_airways
+        else "none found"
+        if not airway
+        else f"{sum(int(a.sum()) for _, a in airway) * voxel_ml:.0f} mL of air removed",
     )
     return lungs
