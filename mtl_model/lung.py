@@ -399,7 +399,11 @@ def _close(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: flo
     """Morphological closing with a ball, computed on a coarse grid and added back."""
     if radius_mm <= 0 or not mask.any():
         return mask
-    factors = [max(1, round(COARSE_SPACING_MM / s)) for s in spacing]  # z, y, x
+    # z, y, x; never coarser than the volume itself (a single slice stays one slice)
+    factors = [
+        max(1, min(n, round(COARSE_SPACING_MM / s)))
+        for n, s in zip(mask.shape, spacing, strict=True)
+    ]
     img = _image(mask.view(np.uint8), spacing)
     shrink = sitk.BinShrink(img, [factors[2], factors[1], factors[0]])  # block mean, rounded
     coarse = sitk.BinaryThreshold(shrink, 1, 255, 1, 0)  # most of the block is lung

@@ -51,6 +51,20 @@ def test_phantom_lungs_found_with_enclosed_lesion_and_without_outside_air() -> N
     assert abs(int(mask.sum()) - int(expected)) < 0.03 * expected
 
 
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.5, 2.0, 2.0)])
+def test_a_single_slice_or_a_tiny_volume_gives_a_mask_not_an_error(
+    spacing: tuple[float, float, float],
+) -> None:
+    """The closing's coarse grid is never coarser than the volume (it used to be: an ITK
+    "InputImage is too small" error for one slice of lung-like air)."""
+    hu, lungs, _ = _phantom()
+    for volume in (hu[20:21], hu[18:20, 40:48, 30:38]):
+        mask = lung_mask(volume, spacing, min_component_ml=0.0)
+        assert mask.shape == volume.shape and mask.dtype == bool
+    one = lung_mask(hu[20:21], spacing, min_component_ml=0.0)
+    assert one[lungs[20:21]].mean() > 0.9  # the slice's lungs are found
+
+
 def _tube(shape: tuple[int, int, int], start, stop, radius: float) -> np.ndarray:
     """A solid cylinder of ``radius`` voxels around the segment ``start``-``stop`` (z, y, x)."""
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
