@@ -202,6 +202,29 @@ def make_checkpoint(width: int, path: Path, like: Path | None = None) -> Path:
     return save_checkpoint(arch.build(), meta, path)
 
 
+def peak_rss_mib(pid: int) -> dict[str, Any] | None:
+    """Peak resident memory (VmHWM) of the node process, and the sum of its child processes'
+    peaks (the decoding pool; an upper bound of their peak together). Linux only."""
+
+    def hwm(p: int | str) -> float:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+        return 0.0
+
+    try:
+        children = [
+            c
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()
+        ]
+        own = hwm(pid)
+        kids = sum(hwm(c) for c in children)
+    except OSError:
+        return None
+    return {"node": round(own, 1), "children": len(children), "children_mib": round(kids, 1)}
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM (the node's orderly stop), then SIGKILL after 60 s."""
     if proc.poll() is None:
@@ -397,7 +420,8 @@ decode_workers = {args.decode_workers}
 [export]
 poll_interval_s = 0.2
 """)
-        procs.append(start_node(work, config, node_port))
+        node = start_node(work, config, node_port)
+        procs.append(node)
         log = work / "node.log"
         db = Database(f"sqlite:///{work / 'spool' / 'ctmtl-node.db'}")
         wait(lambda: "model loaded" in log.read_text(), 300, "the model to load", step=0.5)
@@ -423,6 +447,7 @@ poll_interval_s = 0.2
 
         d, r, j = wait(delivered, 3600, "results acknowledged by the PACS", step=0.2)
         db.dispose()
+        rss = peak_rss_mib(node.pid)
         timings = dict(j.timings or {})
         ready_to_ack = (d.delivered_at - j.created_at).total_seconds()
         stages = {
@@ -451,6 +476,11 @@ poll_interval_s = 0.2
         )
         for name, value in stages.items():
             print(f"  {name:<11} {value:8.2f} s")
+        if rss is not None:
+            print(
+                f"peak RSS: node {rss['node']:.0f} MiB, its {rss['children']} child process(es) "
+                f"(decoding pool) {rss['children_mib']:.0f} MiB together"
+            )
         figures = {
             "slices": len(files),
             "megabytes": round(total_bytes / 2**20, 2),
@@ -459,6 +489,7 @@ poll_interval_s = 0.2
             "ingest_mib_per_s": round(total_bytes / 2**20 / seconds, 2),
             "ready_to_ack_seconds": round(ready_to_ack, 3),
             "stages": {k: round(v, 3) for k, v in stages.items()},
+            "peak_rss_mib": rss,
             "width": args.width,
             "device": device_line,
             "sender": sender,

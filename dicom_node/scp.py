@@ -300,6 +300,13 @@ class StorageSCP(NodePart):
             # pynetdicom's own event handlers format a summary of every C-STORE for INFO and
             # DEBUG lines even when they are dropped: 7 % of the SCP's GIL time (py-spy)
             _config.LOG_HANDLER_LEVEL = "none"
+        stale = self.spool.remove_stale_parts()
+        if stale:
+            logger.warning(
+                "removed %d unfinished instance file(s) (.part) left by a stopped process: "
+                "never acknowledged, so the sender still has them",
+                stale,
+            )
         ae = self.build_ae()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),

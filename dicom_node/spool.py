@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,19 @@ class Spool:
         replaced = pending.path.exists()
         os.replace(pending.temp, pending.path)
         return StoredFile(pending.path, pending.size, pending.sha256, replaced)
+
+    def remove_stale_parts(self, older_than_s: float = 3600.0) -> int:
+        """Remove the `.part` files of instances whose process died before their row was
+        committed (never acknowledged, never read); a `.part` younger than `older_than_s`
+        may belong to another node's receiving SCP on a shared spool and is left."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for part in self.incoming.glob("*/*/.*.part"):
+            with contextlib.suppress(OSError):
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    removed += 1
+        return removed
 
     def discard(self, pending: PendingFile) -> None:
         """Remove a pending file that will not be placed (refused, or its row failed)."""

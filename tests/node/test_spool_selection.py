@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+import logging
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 
+from dicom_node.config import NodeConfig
 from dicom_node.selection import SelectionRules, evaluate
+from dicom_node.service import NodeService
 from dicom_node.spool import InvalidUID, Spool, SpoolFull, validate_uid
 
 # ---------------------------------------------------------------- spool
@@ -119,3 +125,24 @@ def test_rules_can_be_switched_off(noncovid_headers: list[Dataset]) -> None:
     mr = _edited(noncovid_headers, Modality="MR", SliceThickness="10")
     rules = SelectionRules(modalities=[], max_slice_thickness_mm=None)
     assert evaluate(mr, rules).accepted
+
+
+def test_unfinished_parts_of_a_dead_process_are_removed_at_start(
+    tmp_path: Path,
+    make_config: Callable[..., NodeConfig],
+    start_node: Callable[..., NodeService],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A `.part` is an instance whose row never committed (never acknowledged): an old one
+    goes when the SCP starts, a fresh one (another node's, on a shared spool) and the
+    stored instances stay."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    stored = spool.write_instance("1.2", "1.2.3", "1.2.3.4", b"kept")
+    old = spool.write_pending("1.2", "1.2.3", "1.2.3.5", (b"cut",)).temp
+    fresh = spool.write_pending("1.2", "1.2.3", "1.2.3.6", (b"now",)).temp
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    with caplog.at_level(logging.WARNING, logger="dicom_node.scp"):
+        start_node(make_config(), worker=False, exporter=False)
+    assert not old.exists() and fresh.exists() and stored.path.read_bytes() == b"kept"
+    assert "removed 1 unfinished instance file(s) (.part)" in caplog.text
