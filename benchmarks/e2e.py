@@ -3,7 +3,7 @@
 Usage:
   python benchmarks/e2e.py [--width 64] [--device auto|cpu|cuda] [--checkpoint P]
                            [--slices 300] [--idle 2] [--precision auto|fp32|bf16]
-                           [--batch 16] [--decode-workers -1] [--data DIR] [--workdir DIR]
+                           [--batch N] [--decode-workers -1] [--data DIR] [--workdir DIR]
                            [--json OUT]
 
 What it does, with real parts only:
@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         "of the paper's network at --width",
     )
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--batch", type=int, default=16, help="predictor batch size")
+    parser.add_argument(
+        "--batch", type=int, help="predictor batch size (default: the node's: 2 CPU, 16 GPU)"
+    )
     parser.add_argument(
         "--decode-workers",
         type=int,
@@ -410,7 +412,7 @@ poll_interval_s = 0.2
 checkpoint = "{checkpoint}"
 device = "{args.device}"
 precision = "{args.precision}"
-batch_size = {args.batch}
+{f"batch_size = {args.batch}" if args.batch else ""}
 [spool]
 path = "spool"
 min_free_mb = 0

@@ -25,6 +25,7 @@ def test_example_config_validates_and_resolves_paths() -> None:
     assert cfg.spool.path == (REPO / "var" / "spool").resolve()
     assert cfg.database_url == f"sqlite:///{REPO / 'var' / 'spool' / 'ctmtl-node.db'}"
     assert cfg.model.checkpoint is None  # the shipped one
+    assert cfg.model.batch_size is None  # the predictor's: 2 on a CPU, 16 on a GPU
     dests, problems = cfg.route("ORTHANC")
     assert [d.name for d in dests] == ["pacs"] and not problems
     dests, _ = cfg.route("STORESCU")
@@ -112,6 +113,7 @@ def _write(tmp_path: Path, text: str) -> Path:
             "regular expression",
         ),
         ('[model]\ndevice = "tpu"\n', "model.device", "pattern"),
+        ("[model]\nbatch_size = 0\n", "model.batch_size", "greater than or equal to 1"),
         ('[results]\nempty_frames = "sometimes"\n', "results.empty_frames", "keep"),
     ],
 )
