@@ -105,4 +105,5 @@ def test_warm_up_runs_the_lesion_network_and_the_lung_box_classifier() -> None:
             lambda m, args, out, name=name: seen[name].append(args[0].shape[0])
         )
     assert predictor.warm_up(rows=96, columns=96) > 0
-    assert seen == {"model": [16], "classifier": [16]}
+    full = predictor.batch_size
+    assert seen == {"model": [full], "classifier": [full]}
