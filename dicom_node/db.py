@@ -429,11 +429,6 @@ _STORED_INSTANCES = (
 )
 
 
-def find_instance(db: Database, sop_uid: str) -> KnownInstance | None:
-    with db.transaction() as conn:
-        return known_instances(conn, [sop_uid]).get(sop_uid)
-
-
 def stored_instances(conn: Connection, sop_uids: Collection[str]) -> dict[str, dict[str, Any]]:
     """The rows earlier C-STOREs left for these SOP Instance UIDs, with their series' UID
     (one query for a batch): id, series_id, series_uid, path, sha256, size, times_received."""
@@ -441,14 +436,6 @@ def stored_instances(conn: Connection, sop_uids: Collection[str]) -> dict[str, d
         return {}
     rows = conn.execute(_STORED_INSTANCES, {"uids": sorted(set(sop_uids))})
     return {row.sop_instance_uid: dict(row._mapping) for row in rows}
-
-
-def known_instances(conn: Connection, sop_uids: Collection[str]) -> dict[str, KnownInstance]:
-    """What the duplicate check needs of `stored_instances`."""
-    return {
-        uid: KnownInstance(row["series_uid"], row["path"], row["sha256"])
-        for uid, row in stored_instances(conn, sop_uids).items()
-    }
 
 
 def _study_and_series(

@@ -196,7 +196,7 @@ class IndexWriter:
             for _, stored in placed:
                 if not stored.replaced:
                     with contextlib.suppress(OSError):
-                        stored.path.unlink()
+                        self.spool.remove(stored.path)
             raise
         for item, why in refused:
             self.spool.discard(item.pending)

@@ -230,6 +230,13 @@ def _label_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.bincount(labels.ravel())
 
 
+def _on_edge(labels: np.ndarray, n: int) -> np.ndarray:
+    """Which of the ``n`` labels of a 2-D window touch its edge."""
+    edge = np.zeros(n, dtype=bool)
+    edge[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    return edge
+
+
 def _trim(labels: np.ndarray, rows: slice, cols: slice) -> tuple[np.ndarray, slice, slice]:
     """``labels`` (a window at ``rows``, ``cols`` of its slice) cut to its non-zero box."""
     r = np.flatnonzero(labels.any(axis=1))
@@ -260,8 +267,6 @@ def _next_airway(
     labels, sizes = _label_2d(air)
     out = np.zeros(air.shape, dtype=np.int32)
     out_sizes = [0]
-    edge = np.zeros(sizes.size, dtype=bool)
-    edge[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
 
     def grow(cand: np.ndarray, cand_sizes: np.ndarray, cand_edge: np.ndarray) -> list[int]:
         """Labels of ``cand`` overlapping ``prev``, and the ones that stay small."""
@@ -281,7 +286,7 @@ def _next_airway(
             out_sizes.append(int(cand_sizes[label]))
         return [int(label) for label in hit[~small]]
 
-    for label in grow(labels, sizes, edge):
+    for label in grow(labels, sizes, _on_edge(labels, sizes.size)):
         opening = sitk.BinaryMorphologicalOpeningImageFilter()
         opening.SetNumberOfThreads(1)
         opening.SetKernelRadius(radius)
@@ -289,9 +294,7 @@ def _next_airway(
             opening.Execute(sitk.GetImageFromArray((labels == label).astype(np.uint8)))
         )
         sub, sub_sizes = _label_2d(opened)
-        sub_edge = np.zeros(sub_sizes.size, dtype=bool)
-        sub_edge[np.concatenate([sub[0], sub[-1], sub[:, 0], sub[:, -1]])] = True
-        grow(sub, sub_sizes, sub_edge)
+        grow(sub, sub_sizes, _on_edge(sub, sub_sizes.size))
     return out, np.asarray(out_sizes)
 
 
