@@ -24,8 +24,8 @@ instances/s, MiB/s, lost. The JSON also names the sender and the machine (CPU, t
 `CTMTL_BENCH_NO_DCMTK=1` ignores an installed DCMTK (pynetdicom threads send).
 
 Issue 14 target: at least 100 MB/s summed over 10 concurrent associations, no instance
-lost. Measured (2-core Intel Xeon, eleventh session): 77-78 MiB/s over 10 associations,
-82-85 MiB/s over one (README, "Benchmarks").
+lost. Measured (2-core Intel Xeon, twelfth session, quiet): 106-111 MiB/s over 10
+associations, 70-75 MiB/s over one (README, "Benchmarks").
 """
 
 from __future__ import annotations

@@ -28,8 +28,10 @@ focal, so a mean over all slices dilutes a positive series with normal apical an
 slices, while the single maximum follows one noisy slice; the top-decile mean sits between.
 The rule was kept after the developer data of issue 12 (docs/experiments.md, seventh
 session): on the held-out series what moved the verdict was the classifier's input, not
-the aggregation, and folding in the lesion burden would have had to be tuned on the very
-series it is scored on.
+the aggregation. The lesion burden is not folded in: on UCSD, the only developer data
+with both classes, it has no signal (AUC 0.47-0.53, twelfth session,
+``scripts/burden_probe.py``), so a rule would have had to be tuned on the very series it
+is scored on.
 
 Classifier input: a checkpoint whose preprocessing says ``classifier_input = "lung_box"``
 (only with the ``image_cnn8`` classifier, which has an input of its own) classifies each

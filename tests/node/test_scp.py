@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.db import Instance, Series
 from dicom_node.scp import file_meta_bytes
 from dicom_node.service import NodeService
+from helpers import wait_for
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -236,3 +241,89 @@ def test_out_of_resources_when_database_fails(
     # the file of the failed store is removed again; the earlier one is untouched
     files = list(node.spool.incoming.rglob("*.dcm"))
     assert [f.stem for f in files] == [pydicom.dcmread(noncovid_files[0]).SOPInstanceUID]
+
+
+class _Relay:
+    """A TCP relay between a peer and the node that forwards the peer's bytes in small
+    pieces with pauses between them, so that the node's reads see each PDU arrive in many
+    segments, and that closes both ends once `cut_after` bytes went through (if given)."""
+
+    def __init__(self, node_port: int, piece: int = 1400, cut_after: int | None = None) -> None:
+        self.node_port = node_port
+        self.piece = piece
+        self.cut_after = cut_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.forwarded = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        peer, _ = self.listener.accept()
+        node = socket.create_connection(("127.0.0.1", self.node_port))
+        for s in (peer, node):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        back = threading.Thread(target=self._pipe, args=(node, peer, False), daemon=True)
+        back.start()
+        self._pipe(peer, node, True)
+        for s in (peer, node):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        back.join(5)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, dribble: bool) -> None:
+        try:
+            while data := src.recv(self.piece if dribble else 65536):
+                if dribble and self.cut_after is not None:
+                    data = data[: self.cut_after - self.forwarded]
+                dst.sendall(data)
+                if dribble:
+                    self.forwarded += len(data)
+                    if self.forwarded == self.cut_after:
+                        return
+                    time.sleep(0.0005)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.listener.close()
+        self._thread.join(10)
+
+
+def test_pdus_arriving_in_small_segments_are_stored_whole(
+    node: NodeService, noncovid_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node reads a PDU with as few calls as it can (`_BulkReadSocket`); a PDU that
+    trickles in, 1,400 bytes at a time, must still come out byte for byte; a connection cut
+    in the middle of one stores nothing and leaves the node serving."""
+    relay = _Relay(node.port)
+    assoc = _ae().associate("127.0.0.1", relay.port, ae_title="CTMTL")
+    assert assoc.is_established
+    assert assoc.send_c_store(noncovid_files[0]).Status == 0x0000
+    assoc.release()
+    relay.close()
+    assert relay.forwarded > 500_000  # a 512 x 512 slice went through in pieces
+    [row] = _instances(node)
+    stored = pydicom.dcmread(row.path)
+    source = pydicom.dcmread(noncovid_files[0])
+    assert stored.SOPInstanceUID == source.SOPInstanceUID
+    assert stored.PixelData == source.PixelData
+
+    cut = _Relay(node.port, cut_after=300_000)  # inside the second slice's P-DATA
+    assoc = _ae().associate("127.0.0.1", cut.port, ae_title="CTMTL")
+    assert assoc.is_established
+    status = assoc.send_c_store(noncovid_files[1])
+    assert not status  # no answer: the connection is gone
+    assoc.release()
+    cut.close()
+    # the short read reaches pynetdicom as such (not as a PDU padded out with zeros)
+    short = "The received PDU is shorter than expected"
+    wait_for(lambda: short in caplog.text, 10, "the node's DUL to see the short PDU")
+    assert [r.sop_instance_uid for r in _instances(node)] == [row.sop_instance_uid]
+
+    assoc = _ae().associate("127.0.0.1", node.port, ae_title="CTMTL")
+    assert assoc.send_c_store(noncovid_files[1]).Status == 0x0000
+    assoc.release()
+    assert len(_instances(node)) == 2
+    assert not list(node.spool.incoming.rglob("*.part"))
