@@ -107,6 +107,10 @@ class DatasetSpec(_Strict):
     weight: float | None = Field(None, gt=0)
     # dicom_seg only: segment labels to use as lesion (empty = every segment except lung).
     segment_labels: list[str] = Field(default_factory=list)
+    # png_stack with covid_label = false: with augment.lesion_transplant > 0 its slices may
+    # receive a lesion cut from a masked slice of the same batch and count as COVID-19
+    # (training.augment.transplant_lesions).
+    lesion_recipient: bool = False
 
     @model_validator(mode="after")
     def _kind_fields(self) -> DatasetSpec:
@@ -116,6 +120,11 @@ class DatasetSpec(_Strict):
             raise ValueError(f"cases names a case twice: {self.cases}")
         if self.kind == "png_stack" and self.covid_label is None:
             raise ValueError("png_stack needs covid_label (true or false): stacks carry no mask")
+        if self.lesion_recipient and (self.kind != "png_stack" or self.covid_label is not False):
+            raise ValueError(
+                "lesion_recipient applies to png_stack sets with covid_label = false "
+                "(real non-COVID CT that a transplanted lesion makes a COVID-19 sample)"
+            )
         return self
 
     def resolve(self, data_root: Path) -> Path:
@@ -156,10 +165,18 @@ class AugmentConfig(_Strict):
     blur_sigma: tuple[float, float] = (0.0, 0.0)
     sharpen_prob: float = Field(0.0, ge=0, le=1)
     sharpen_amount: tuple[float, float] = (0.3, 1.0)
+    # Lesion transplant (issue 12): this share of the recipient slices in a batch (data sets
+    # with lesion_recipient) get the lesion of a masked slice of the same batch, at a
+    # strength drawn from lesion_strength (1 = the donor's own density), and count as
+    # COVID-19. Real non-COVID CT then stands on both sides of the classifier, so the
+    # scanner's look cannot tell the classes apart, and faint lesions stand for milder
+    # disease than MedSeg's.
+    lesion_transplant: float = Field(0.0, ge=0, le=1)
+    lesion_strength: tuple[float, float] = (0.4, 1.0)
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
-        for name in ("scale", "gamma", "blur_sigma", "sharpen_amount"):
+        for name in ("scale", "gamma", "blur_sigma", "sharpen_amount", "lesion_strength"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name} must be [low, high] with 0 <= low <= high")

@@ -77,10 +77,15 @@ class SliceSet:
     has_label: torch.Tensor  # (N,) bool
     names: list[str]
     source: str = ""
+    # (N,) bool: may receive a transplanted lesion (DatasetSpec.lesion_recipient); empty
+    # means none may
+    recipient: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
-        for t in (self.masks, self.has_mask, self.labels, self.has_label):
+        if self.recipient.numel() == 0:
+            self.recipient = torch.zeros(n, dtype=torch.bool)
+        for t in (self.masks, self.has_mask, self.labels, self.has_label, self.recipient):
             if t.shape[0] != n:
                 raise ValueError("SliceSet tensors disagree on the number of slices")
         if len(self.names) != n:
@@ -113,6 +118,7 @@ def concat_slice_sets(sets: Sequence[SliceSet], source: str = "") -> SliceSet:
         has_label=torch.cat([s.has_label for s in sets]),
         names=[n for s in sets for n in s.names],
         source=source or "+".join(s.source for s in sets),
+        recipient=torch.cat([s.recipient for s in sets]),
     )
 
 
@@ -135,6 +141,7 @@ class SliceDataset(Dataset[dict[str, torch.Tensor]]):
             "has_mask": s.has_mask[i],
             "label": s.labels[i],
             "has_label": s.has_label[i],
+            "recipient": s.recipient[i],
             "index": torch.tensor(i),
         }
 
@@ -705,5 +712,7 @@ def load_spec(spec: DatasetSpec, data_root: Path, size: int, cut: bool = False) 
     if not spec.use_class_label:
         s.has_label = torch.zeros_like(s.has_label)
         s.labels = torch.zeros_like(s.labels)
+    if spec.lesion_recipient:
+        s.recipient = torch.ones(len(s), dtype=torch.bool)
     logger.info("loaded %s from %s: %s", spec.kind, path, s.summary())
     return s

@@ -48,7 +48,7 @@ from mtl_model import (
 )
 from mtl_model.checkpoint import ArchitectureSpec, PreprocessingSpec
 from mtl_model.metrics import classification_metrics, roc_auc, segmentation_metrics
-from training.augment import augment_batch
+from training.augment import augment_batch, transplant_lesions
 from training.config import (
     REPO_ROOT,
     ExperimentConfig,
@@ -735,6 +735,7 @@ def fit(
         out_of_time = False
         for batch in bar:
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            batch = transplant_lesions(batch, cfg.augment, gen)
             x, mask = augment_batch(batch["image"], batch["mask"], cfg.augment, gen)
             batch["image"], batch["mask"] = x, mask
             if t.channels_last:

@@ -1,5 +1,5 @@
 """Real CT on both sides of the classifier: PNG stacks split by patient, balanced batches,
-sharpness augmentation, and the real-CT figure of the validation."""
+sharpness augmentation, lesion transplant, and the real-CT figure of the validation."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from mtl_model import load_checkpoint
 from mtl_model.preprocessing import LUNG_WINDOW
-from training.augment import augment_batch, gaussian_blur
+from training.augment import augment_batch, gaussian_blur, transplant_lesions
 from training.config import AugmentConfig, ConfigError, parse_config
 from training.data import (
     SLICE_SPACING_MM,
@@ -168,11 +168,77 @@ def test_sharpness_augmentation() -> None:
     assert float(sharpened.min()) >= 0.0 and float(sharpened.max()) <= 1.0
 
 
+def _transplant_batch() -> dict[str, torch.Tensor]:
+    """Two MedSeg-like donors with a 10 x 10 lesion (symmetric about the vertical axis, so
+    mirroring keeps it in place), two lung-like recipients, one recipient of soft tissue
+    only, and one lung-like slice that is not a recipient."""
+    n = 6
+    image = torch.full((n, 1, 32, 32), 0.3)
+    mask = torch.zeros(n, 1, 32, 32)
+    image[0:2, :, 11:21, 11:21] = 0.8
+    mask[0:2, :, 11:21, 11:21] = 1.0
+    image[4] = 0.9  # no lung anywhere
+    return {
+        "image": image,
+        "mask": mask,
+        "has_mask": torch.tensor([True, True, False, False, False, False]),
+        "label": torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0]),
+        "has_label": torch.ones(n, dtype=torch.bool),
+        "recipient": torch.tensor([False, False, True, True, True, False]),
+    }
+
+
+def test_lesion_transplant_makes_real_non_covid_slices_covid_samples() -> None:
+    batch = _transplant_batch()
+    cfg = AugmentConfig(lesion_transplant=1.0, lesion_strength=(1.0, 1.0))
+    out = transplant_lesions(batch, cfg, torch.Generator().manual_seed(0))
+    assert out["label"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert out["has_label"].all()
+    assert torch.equal(out["has_mask"], batch["has_mask"])  # the lesion's outline stays unknown
+    for i in (2, 3):  # the lesion's core takes the donor's density; far away nothing changes
+        assert float(out["image"][i, 0, 16, 16]) == pytest.approx(0.8, abs=0.02)
+        assert float(out["image"][i, 0, 16, 11]) > 0.4  # softened edge, still raised
+        assert torch.equal(out["image"][i, :, :, :4], batch["image"][i, :, :, :4])
+    for i in (0, 1, 4, 5):  # donors, a recipient without lung, a non-recipient
+        assert torch.equal(out["image"][i], batch["image"][i])
+    assert batch["label"][2] == 0.0  # the caller's batch is left as it was
+
+    weak = AugmentConfig(lesion_transplant=1.0, lesion_strength=(0.4, 0.4))
+    faint = transplant_lesions(batch, weak, torch.Generator().manual_seed(0))
+    assert float(faint["image"][2, 0, 16, 16]) == pytest.approx(0.3 + 0.4 * 0.5, abs=0.02)
+
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    for off in (AugmentConfig(), AugmentConfig(lesion_transplant=1.0, enabled=False)):
+        assert transplant_lesions(batch, off, g) is batch
+    no_donor = {**batch, "has_mask": torch.zeros(6, dtype=torch.bool)}
+    assert transplant_lesions(no_donor, cfg, g) is no_donor
+    assert torch.equal(g.get_state(), state)  # a run without transplant draws nothing
+
+
+def test_lesion_recipients_are_real_non_covid_stacks(mini_data: Path) -> None:
+    base = {"name": "x", "data": {"train": []}}
+    luna = {"kind": "png_stack", "path": "luna16-3", "cases": ["patient_2"]}
+    for bad in (
+        {"kind": "medseg_png", "path": "medseg-100", "lesion_recipient": True},
+        {**luna, "covid_label": True, "lesion_recipient": True},
+    ):
+        with pytest.raises(ConfigError, match="lesion_recipient applies to png_stack"):
+            parse_config({**base, "data": {"train": [bad]}})
+    with pytest.raises(ConfigError, match="lesion_strength must be"):
+        parse_config({**base, "augment": {"lesion_strength": [0.9, 0.5]}})
+    spec = {**luna, "covid_label": False, "lesion_recipient": True}
+    cfg = parse_config({**base, "data": {"train": [spec, {**spec, "lesion_recipient": False}]}})
+    marked, plain = (load_spec(s, mini_data, 64) for s in cfg.data.train)
+    assert marked.recipient.all() and not plain.recipient.any()
+
+
 @pytest.mark.slow
 def test_fit_with_balanced_real_ct_reports_the_real_ct_figure(
     mini_data: Path, tmp_path: Path, tiny_config
 ) -> None:
     luna = {"kind": "png_stack", "path": "luna16-3", "covid_label": False}
+    recipients = {**luna, "lesion_recipient": True}
     cfg = tiny_config(
         model={
             "architecture": "cnn8",
@@ -185,7 +251,7 @@ def test_fit_with_balanced_real_ct_reports_the_real_ct_figure(
             "train": [
                 {"kind": "covid_ct", "path": "covid-ct", "split": "train", "weight": 2.0},
                 {"kind": "medseg_png", "path": "medseg-100", "split": "train"},
-                {**luna, "cases": ["patient_1", "patient_2"]},
+                {**recipients, "cases": ["patient_1", "patient_2"]},
             ],
             "val": [
                 {"kind": "covid_ct", "path": "covid-ct", "split": "val"},
@@ -194,7 +260,7 @@ def test_fit_with_balanced_real_ct_reports_the_real_ct_figure(
             ],
         },
         train={"epochs": 2, "batch_size": 8, "sampling": "balanced", "max_steps_per_epoch": 3},
-        augment={"blur_sigma": [0.5, 1.5], "sharpen_prob": 0.3},
+        augment={"blur_sigma": [0.5, 1.5], "sharpen_prob": 0.3, "lesion_transplant": 0.5},
     )
     res = fit(cfg, tmp_path / "run", mini_data, progress=False)
     assert res.epochs_run == 2
