@@ -19,7 +19,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -421,6 +421,16 @@ def _pixels(ds: Dataset, where: str) -> np.ndarray:
     return np.asarray(arr)
 
 
+def _to_hu(stored: np.ndarray, frame: FrameGeometry, out: np.ndarray) -> None:
+    """Stored values to HU in ``out`` (float32) without temporaries: a third of the time
+    of ``astype`` and arithmetic on copies, the same values."""
+    out[...] = stored
+    if frame.rescale_slope != 1:
+        out *= np.float32(frame.rescale_slope)
+    if frame.rescale_intercept != 0:
+        out += np.float32(frame.rescale_intercept)
+
+
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     if "PixelPaddingValue" not in ds:
         return None
@@ -430,10 +440,19 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     return (stored >= low) & (stored <= high)
 
 
-def _decode_file(path: str) -> np.ndarray | str:
-    """Worker-process side of parallel decoding: stored pixel values, or the error text."""
+def _decode_file(path: str) -> np.ndarray | str | None:
+    """Worker-process side of parallel decoding: stored pixel values, the error text, or
+    None for a file whose pixel data is not compressed (the caller reads those itself)."""
     try:
-        return np.asarray(pydicom.dcmread(path).pixel_array)
+        meta = pydicom.filereader.read_file_meta_info(path)
+        syntax = meta.get("TransferSyntaxUID")
+        if syntax is None or not syntax.is_compressed:
+            return None
+        ds = pydicom.dcmread(path)
+        too_big = pixel_size_problem(ds)  # before decoding, as in the caller's checks
+        if too_big is not None:
+            return too_big
+        return np.asarray(ds.pixel_array)
     except Exception as exc:  # the codecs' own error types; reported by the caller
         return f"{type(exc).__name__}: {exc}"
 
@@ -483,45 +502,60 @@ def _decoder_ready(hold_s: float = 0.0) -> int:
     return os.getpid()
 
 
-def _decode_in_parallel(
-    items: list[tuple[Dataset, Path | None]], workers: int | Executor
-) -> dict[int, np.ndarray]:
-    """Decode compressed single-frame files in worker processes (pixel codecs hold the GIL).
+class _Decoding:
+    """Compressed slices decoding in worker processes while the caller reads the headers.
 
-    Returns stored arrays by item index. Items it does not handle (in-memory datasets,
-    uncompressed data, few files, no workers) and everything after a failure of the pool
-    itself are left to the caller's serial path.
+    Every file of the series goes to the workers as soon as the series is loaded (pixel
+    codecs hold the GIL, so threads would not help): with several cores the decoding is
+    over by the time the headers are read and checked. A worker skips uncompressed files
+    (the caller reads those) and refuses oversized pixel data before decoding, as the
+    header check does. What is not taken is cancelled on :meth:`close`. Without workers,
+    with few files, or for in-memory datasets it does nothing and the caller decodes.
     """
-    compressed: list[tuple[int, Path]] = []
-    for i, (ds, path) in enumerate(items):
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if path is not None and syntax is not None and syntax.is_compressed:
-            compressed.append((i, path))
-    if not compressed or (
-        isinstance(workers, int) and (workers < 2 or len(compressed) < PARALLEL_MIN_FILES)
-    ):
-        return {}
-    out: dict[int, np.ndarray] = {}
-    executor: Executor = (
-        workers
-        if isinstance(workers, Executor)
-        else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
-    )
-    try:
-        futures = [(i, path, executor.submit(_decode_file, str(path))) for i, path in compressed]
-        for i, path, future in futures:
+
+    def __init__(self, files: Sequence[str | Path | Dataset], workers: int | Executor) -> None:
+        paths = list(dict.fromkeys(str(f) for f in files if not isinstance(f, Dataset)))
+        self._own: Executor | None = None
+        self._futures: dict[str, Future[np.ndarray | str | None]] = {}
+        if not paths or (
+            isinstance(workers, int) and (workers < 2 or len(paths) < PARALLEL_MIN_FILES)
+        ):
+            return
+        try:
+            if isinstance(workers, Executor):
+                executor = workers
+            else:
+                executor = self._own = ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("forkserver")
+                )
+            self._futures = {path: executor.submit(_decode_file, path) for path in paths}
+        except Exception as exc:  # a pool that cannot take work: decode in this thread
+            logger.warning("parallel decoding failed (%s); decoding serially", exc)
+            self.close()
+
+    def take(self, path: Path | None) -> np.ndarray | None:
+        """The stored array of ``path`` from a worker, or None: the caller decodes it."""
+        future = self._futures.pop(str(path), None) if path is not None else None
+        if future is None:
+            return None
+        try:
             result = future.result()
-            if isinstance(result, str):
-                raise SeriesRejected(f"cannot decode pixel data of {path.name}: {result}")
-            out[i] = result
-    except SeriesRejected:
-        raise
-    except Exception as exc:  # the pool itself failed: decode the rest serially
-        logger.warning("parallel decoding failed (%s); decoding serially", exc)
-    finally:
-        if executor is not workers:
-            executor.shutdown(cancel_futures=True)
-    return out
+        except Exception as exc:  # the pool itself failed: decode the rest serially
+            logger.warning("parallel decoding failed (%s); decoding serially", exc)
+            self.close()
+            return None
+        if isinstance(result, str):
+            assert path is not None
+            raise SeriesRejected(f"cannot decode pixel data of {path.name}: {result}")
+        return result
+
+    def close(self) -> None:
+        for future in self._futures.values():
+            future.cancel()
+        self._futures = {}
+        if self._own is not None:
+            self._own.shutdown(cancel_futures=True)
+            self._own = None
 
 
 def load_series(
@@ -536,6 +570,14 @@ def load_series(
     """
     if not files:
         raise SeriesRejected("series has no instances")
+    decoding = _Decoding(files, workers)
+    try:
+        return _load(files, check, decoding)
+    finally:
+        decoding.close()
+
+
+def _load(files: Sequence[str | Path | Dataset], check: bool, decoding: _Decoding) -> CTVolume:
     items = _dedupe([_read(f) for f in files])
     datasets = [ds for ds, _ in items]
     problems = _series_problems(datasets)
@@ -568,7 +610,7 @@ def load_series(
         for k, idx in enumerate(order):
             f = frames[idx]
             fi = int(f.frame_number or 1) - 1
-            hu[k] = stored[fi].astype(np.float32) * f.rescale_slope + f.rescale_intercept
+            _to_hu(stored[fi], f, hu[k])
             if pad is not None:
                 hu[k][pad[fi]] = HU_FLOOR
         if items[0][1] is not None:  # read here: drop the pixels, keep the header
@@ -577,20 +619,17 @@ def load_series(
         frame_numbers: list[int] | None = [int(frames[i].frame_number or 1) for i in order]
     else:
         sorted_datasets = []
-        decoded = _decode_in_parallel(items, workers)
         for k, idx in enumerate(order):
             f = frames[idx]
             ds, path = items[f.dataset_index]
             where = f"{path.name if path else 'instance'} ({ds.get('SOPInstanceUID', '')})"
-            if f.dataset_index in decoded:
-                stored = decoded.pop(f.dataset_index)
-            else:
-                stored = _pixels(ds, where)
+            decoded = decoding.take(path)
+            stored = _pixels(ds, where) if decoded is None else decoded
             if stored.shape != (ref.rows, ref.columns):
                 raise SeriesRejected(
                     f"{where}: pixel array {stored.shape} does not match Rows/Columns"
                 )
-            hu[k] = stored.astype(np.float32) * f.rescale_slope + f.rescale_intercept
+            _to_hu(stored, f, hu[k])
             pad = _padding_mask(ds, stored)
             if pad is not None:
                 hu[k][pad] = HU_FLOOR

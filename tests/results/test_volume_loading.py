@@ -239,3 +239,42 @@ def test_decoding_processes_are_started_once_and_reused(covid_files: list[Path])
         assert len(pids) == 2 and again == pids  # kept, not restarted per series
     finally:
         pool.shutdown()
+
+
+def test_worker_decoding_reports_and_refuses_like_the_serial_path(
+    covid_files: list[Path], noncovid_files: list[Path], tmp_path: Path
+) -> None:
+    """Slices go to the decoding processes before the headers are read: a corrupt slice
+    still rejects the series with its name, an absurd header is refused before decoding,
+    and a series rejected by its headers leaves the shared pool ready for the next."""
+    from pydicom.encaps import encapsulate
+
+    from dicom_node.volume import _decode_file, decode_pool
+
+    files = [Path(shutil.copy(f, tmp_path / f.name)) for f in covid_files[:20]]
+    broken = pydicom.dcmread(files[7])
+    broken.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(4000)])
+    broken.save_as(files[7])
+    with pytest.raises(SeriesRejected, match=f"cannot decode pixel data of {files[7].name}"):
+        load_series(files, workers=2)
+
+    absurd = pydicom.dcmread(files[3])
+    absurd.Rows = absurd.Columns = 60000
+    absurd.save_as(tmp_path / "absurd.dcm")
+    assert "over the limit" in str(_decode_file(str(tmp_path / "absurd.dcm")))
+    assert isinstance(_decode_file(str(files[3])), np.ndarray)  # compressed: the worker's
+    assert _decode_file(str(noncovid_files[0])) is None  # uncompressed: the caller's
+
+    pool = decode_pool(2)
+    assert pool is not None
+    try:
+        twin = pydicom.dcmread(files[1])
+        twin.SOPInstanceUID = generate_uid()
+        twin.save_as(tmp_path / "twin.dcm")  # a second slice at the same position
+        with pytest.raises(SeriesRejected, match="position"):
+            load_series([*covid_files[20:40], tmp_path / "twin.dcm", files[1]], workers=pool)
+        np.testing.assert_array_equal(
+            load_series(covid_files[40:60], workers=pool).hu, load_series(covid_files[40:60]).hu
+        )
+    finally:
+        pool.shutdown()
