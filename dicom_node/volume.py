@@ -440,16 +440,23 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     return (stored >= low) & (stored <= high)
 
 
-def _decode_file(path: str) -> np.ndarray | str | None:
-    """Worker-process side of parallel decoding: stored pixel values, the error text, or
-    None for a file whose pixel data is not compressed (the caller reads those itself)."""
+def _is_compressed(path: str) -> bool:
+    """Whether the file's transfer syntax is compressed, from its file meta alone (about
+    0.1 ms); an unreadable file is left to the caller, which reports it."""
     try:
-        meta = pydicom.filereader.read_file_meta_info(path)
-        syntax = meta.get("TransferSyntaxUID")
-        if syntax is None or not syntax.is_compressed:
-            return None
+        syntax = pydicom.filereader.read_file_meta_info(path).get("TransferSyntaxUID")
+    except Exception:  # pydicom's many read errors: _read reports them
+        return False
+    return syntax is not None and syntax.is_compressed
+
+
+def _decode_file(path: str) -> np.ndarray | str:
+    """Worker-process side of parallel decoding: stored pixel values, or the error text.
+    Oversized pixel data is refused before decoding, as the caller's header check does:
+    the worker gets the file before that check has run."""
+    try:
         ds = pydicom.dcmread(path)
-        too_big = pixel_size_problem(ds)  # before decoding, as in the caller's checks
+        too_big = pixel_size_problem(ds)
         if too_big is not None:
             return too_big
         return np.asarray(ds.pixel_array)
@@ -505,21 +512,22 @@ def _decoder_ready(hold_s: float = 0.0) -> int:
 class _Decoding:
     """Compressed slices decoding in worker processes while the caller reads the headers.
 
-    Every file of the series goes to the workers as soon as the series is loaded (pixel
-    codecs hold the GIL, so threads would not help): with several cores the decoding is
-    over by the time the headers are read and checked. A worker skips uncompressed files
-    (the caller reads those) and refuses oversized pixel data before decoding, as the
-    header check does. What is not taken is cancelled on :meth:`close`. Without workers,
-    with few files, or for in-memory datasets it does nothing and the caller decodes.
+    The compressed files of the series (told by their file meta) go to the workers as soon
+    as the series is loaded (pixel codecs hold the GIL, so threads would not help): with
+    several cores the decoding is over by the time the headers are read and checked. What
+    is not taken is cancelled on :meth:`close`. Without workers, with few compressed files
+    (a pool of its own pays for its start), or for in-memory datasets it does nothing and
+    the caller decodes.
     """
 
     def __init__(self, files: Sequence[str | Path | Dataset], workers: int | Executor) -> None:
-        paths = list(dict.fromkeys(str(f) for f in files if not isinstance(f, Dataset)))
         self._own: Executor | None = None
-        self._futures: dict[str, Future[np.ndarray | str | None]] = {}
-        if not paths or (
-            isinstance(workers, int) and (workers < 2 or len(paths) < PARALLEL_MIN_FILES)
-        ):
+        self._futures: dict[str, Future[np.ndarray | str]] = {}
+        if isinstance(workers, int) and workers < 2:
+            return
+        paths = dict.fromkeys(str(f) for f in files if not isinstance(f, Dataset))
+        compressed = [path for path in paths if _is_compressed(path)]
+        if not compressed or (isinstance(workers, int) and len(compressed) < PARALLEL_MIN_FILES):
             return
         try:
             if isinstance(workers, Executor):
@@ -528,14 +536,16 @@ class _Decoding:
                 executor = self._own = ProcessPoolExecutor(
                     workers, mp_context=multiprocessing.get_context("forkserver")
                 )
-            self._futures = {path: executor.submit(_decode_file, path) for path in paths}
+            self._futures = {path: executor.submit(_decode_file, path) for path in compressed}
         except Exception as exc:  # a pool that cannot take work: decode in this thread
             logger.warning("parallel decoding failed (%s); decoding serially", exc)
             self.close()
 
     def take(self, path: Path | None) -> np.ndarray | None:
         """The stored array of ``path`` from a worker, or None: the caller decodes it."""
-        future = self._futures.pop(str(path), None) if path is not None else None
+        if path is None:
+            return None
+        future = self._futures.pop(str(path), None)
         if future is None:
             return None
         try:
@@ -545,7 +555,6 @@ class _Decoding:
             self.close()
             return None
         if isinstance(result, str):
-            assert path is not None
             raise SeriesRejected(f"cannot decode pixel data of {path.name}: {result}")
         return result
 

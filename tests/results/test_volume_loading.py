@@ -249,7 +249,7 @@ def test_worker_decoding_reports_and_refuses_like_the_serial_path(
     and a series rejected by its headers leaves the shared pool ready for the next."""
     from pydicom.encaps import encapsulate
 
-    from dicom_node.volume import _decode_file, decode_pool
+    from dicom_node.volume import _decode_file, _Decoding, decode_pool
 
     files = [Path(shutil.copy(f, tmp_path / f.name)) for f in covid_files[:20]]
     broken = pydicom.dcmread(files[7])
@@ -263,7 +263,8 @@ def test_worker_decoding_reports_and_refuses_like_the_serial_path(
     absurd.save_as(tmp_path / "absurd.dcm")
     assert "over the limit" in str(_decode_file(str(tmp_path / "absurd.dcm")))
     assert isinstance(_decode_file(str(files[3])), np.ndarray)  # compressed: the worker's
-    assert _decode_file(str(noncovid_files[0])) is None  # uncompressed: the caller's
+    uncompressed = _Decoding(noncovid_files, 2)  # uncompressed: the caller's, no pool started
+    assert uncompressed._own is None and uncompressed.take(noncovid_files[0]) is None
 
     pool = decode_pool(2)
     assert pool is not None
