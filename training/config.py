@@ -228,7 +228,22 @@ class TrainConfig(_Strict):
     # one corrected series): batch-of-8 statistics of mixed sources are noisy, and the
     # running averages then drift away from what the frozen or barely moved layers expect.
     freeze_batchnorm: bool = False
+    # Stochastic weight averaging (Izmailov et al. 2018): from this epoch on, the weights at
+    # the end of every epoch enter a running mean, written as ``swa.safetensors`` when the
+    # run ends, with BatchNorm statistics recomputed on one epoch of training batches
+    # (0 = off). A fixed rule instead of a pick: validation scores the average, chooses
+    # nothing, so its figure is not inflated by the choice as best.safetensors' is.
+    swa_start: int = Field(0, ge=0)
     tensorboard: bool = False
+
+    @model_validator(mode="after")
+    def _swa_within_run(self) -> TrainConfig:
+        if self.swa_start > self.epochs:
+            raise ValueError(
+                f"swa_start {self.swa_start} is after the last epoch ({self.epochs}): "
+                "nothing would be averaged"
+            )
+        return self
 
     @field_validator("freeze")
     @classmethod

@@ -172,7 +172,7 @@ def export_release(
     return path
 
 
-def _cnn8_state(path: str | Path, model: nn.Module, arch: ArchitectureSpec) -> dict[str, Any]:
+def cnn8_state(path: str | Path, model: nn.Module, arch: ArchitectureSpec) -> dict[str, Any]:
     """The 8-layer CNN weights of a cnn8 checkpoint, or of an mtl one's single-CNN8 T3."""
     if arch.name == "cnn8":
         return dict(model.state_dict())
@@ -224,7 +224,7 @@ def compose_checkpoint(
     for path in members:
         cls_model, cls_meta = load_checkpoint(path, device="cpu")
         ca = cls_meta.architecture
-        states.append(_cnn8_state(path, cls_model, ca))
+        states.append(cnn8_state(path, cls_model, ca))
         widths.add(ca.base_width if ca.name == "cnn8" else ca.classifier_width or ca.base_width)
         if ca.input_size != sa.input_size or ca.in_channels != sa.in_channels:
             raise CheckpointError(

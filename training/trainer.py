@@ -13,12 +13,15 @@ optimiser, scheduler position, early-stopping state and elapsed time; ``best.saf
 is the best validation epoch as an ``mtl_model`` checkpoint (all heads, float32).
 
 Run folder: ``config.toml`` (the exact config), ``data.json`` (slice lists and counts),
-``metrics.csv`` (one row per epoch), ``last.pt``, ``best.safetensors``, ``summary.json``.
+``metrics.csv`` (one row per epoch), ``last.pt``, ``best.safetensors``, ``summary.json``,
+and with ``train.swa_start`` ``swa.safetensors`` (the mean of the epochs' weights; its
+running sum travels in ``last.pt``, so a resumed run averages what an uninterrupted one does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import logging
@@ -40,6 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from mtl_model import (
+    CheckpointError,
     CheckpointMetadata,
     build_model,
     load_checkpoint,
@@ -57,6 +61,7 @@ from training.config import (
     dump_toml,
 )
 from training.data import SliceDataset, SliceSet, concat_slice_sets, load_spec
+from training.export import cnn8_state
 from training.losses import MultiTaskLoss
 
 logger = logging.getLogger(__name__)
@@ -437,6 +442,10 @@ def _init_from_checkpoint(model: nn.Module, path: Path) -> None:
     src, meta = load_checkpoint(path, device="cpu")
     own = model.state_dict()
     theirs = src.state_dict()
+    if meta.architecture.name == "mtl" and not any(k in own for k in theirs):
+        with contextlib.suppress(CheckpointError):
+            # a release whose T3 is one 8-layer CNN fine-tunes as that CNN
+            theirs = cnn8_state(path, src, meta.architecture)
     bad = [k for k, v in theirs.items() if k in own and own[k].shape != v.shape]
     if bad:
         raise TrainingError(
@@ -488,6 +497,73 @@ def _freeze(model: nn.Module, names: Sequence[str], batchnorm: bool) -> list[nn.
         logger.info("BatchNorm statistics frozen in %d layers", len(norms))
         frozen += norms
     return frozen
+
+
+def _train_inputs(
+    batch: dict[str, torch.Tensor], cfg: ExperimentConfig, gen: torch.Generator, dev: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A loader batch on ``dev``, augmented; and the network's input in its memory format."""
+    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    batch = transplant_lesions(batch, cfg.augment, gen)
+    x, mask = augment_batch(batch["image"], batch["mask"], cfg.augment, gen)
+    batch["image"], batch["mask"] = x, mask
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return batch, x
+
+
+def _swa_add(
+    avg: dict[str, torch.Tensor] | None, model: nn.Module, count: int
+) -> dict[str, torch.Tensor]:
+    """``avg``, the mean of ``count`` epochs' float tensors, with ``model``'s added (fp32)."""
+    now = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    now = {k: v for k, v in now.items() if k in (avg or now) and v.is_floating_point()}
+    if avg is None:
+        return {k: v.clone() for k, v in now.items()}
+    for k, v in now.items():
+        avg[k] += (v - avg[k]) / (count + 1)
+    return avg
+
+
+@torch.no_grad()
+def _swa_model(
+    model: nn.Module,
+    avg: dict[str, torch.Tensor],
+    batches: Iterator[torch.Tensor],
+    keep: Sequence[nn.Module],
+    dev: torch.device,
+    precision: str,
+) -> nn.Module:
+    """A copy of ``model`` with the averaged weights and, for every BatchNorm layer outside
+    ``keep`` (frozen modules and layers), running statistics measured afresh on ``batches``:
+    the averaged weights' activations differ from any epoch's, so the epochs' averaged
+    statistics would not fit them (Izmailov et al. 2018, torch.optim.swa_utils.update_bn)."""
+    swa = copy.deepcopy(model)
+    state = swa.state_dict()
+    swa.load_state_dict({k: avg[k].to(state[k].dtype) if k in avg else v for k, v in state.items()})
+    kept = {id(m) for mod in keep for m in mod.modules()}
+    norms = [
+        m
+        for m in swa.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in kept
+    ]
+    if not norms:
+        return swa.eval()
+    swa.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain mean over the batches
+        m.train()
+    n = 0
+    for x in batches:
+        with _autocast(dev, precision):
+            swa(x)
+        n += 1
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    logger.info("SWA: BatchNorm statistics of %d layers from %d batches", len(norms), n)
+    return swa.eval()
 
 
 def fit(
@@ -638,6 +714,8 @@ def fit(
     history: list[dict[str, Any]] = []
     finished = False
     stopped = ""
+    swa_avg: dict[str, torch.Tensor] | None = None
+    swa_count = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -653,6 +731,8 @@ def fit(
         history = list(state.get("history", []))
         finished = bool(state.get("finished", False))
         stopped = str(state.get("stopped", ""))
+        swa_avg = state.get("swa")
+        swa_count = int(state.get("swa_epochs", 0))
         if di.main:
             logger.info(
                 "resumed %s at epoch %d (step %d, best %.4f at epoch %d)",
@@ -707,6 +787,21 @@ def fit(
         except ImportError:
             logger.warning("tensorboard requested but not installed; CSV log only")
 
+    def training_info(epoch: int) -> dict[str, Any]:
+        """What a checkpoint written now says of its training."""
+        return {
+            "experiment": cfg.name,
+            "config": cfg.model_dump(mode="json"),
+            "epoch": epoch,
+            "step": global_step,
+            "elapsed_s": round(elapsed, 1),
+            "precision": precision,
+            "machine": _machine(),
+            "world_size": di.world_size,
+            "data": summary,
+            "torch": torch.__version__,
+        }
+
     csv_path = out / "metrics.csv"
     last_epoch = start_epoch - 1
     end_epoch = t.epochs if max_epochs is None else min(t.epochs, max_epochs)
@@ -733,13 +828,8 @@ def fit(
             leave=False,
         )
         out_of_time = False
-        for batch in bar:
-            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-            batch = transplant_lesions(batch, cfg.augment, gen)
-            x, mask = augment_batch(batch["image"], batch["mask"], cfg.augment, gen)
-            batch["image"], batch["mask"] = x, mask
-            if t.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for raw in bar:
+            batch, x = _train_inputs(raw, cfg, gen, dev)
             lr = t.lr * _lr_factor(
                 cfg, global_step, total_steps, elapsed + time.perf_counter() - t0
             )
@@ -798,21 +888,9 @@ def fit(
                 best_score, best_epoch, bad = score, epoch, 0
                 best_metrics = metrics
                 if di.main:
-                    training_info = {
-                        "experiment": cfg.name,
-                        "config": cfg.model_dump(mode="json"),
-                        "epoch": epoch,
-                        "step": global_step,
-                        "elapsed_s": round(elapsed, 1),
-                        "precision": precision,
-                        "machine": _machine(),
-                        "world_size": di.world_size,
-                        "data": summary,
-                        "torch": torch.__version__,
-                    }
                     meta = build_metadata(
                         cfg,
-                        training_info,
+                        training_info(epoch),
                         {"validation_network_grid": metrics},
                         f"0.0.0+{cfg.name}.e{epoch}",
                     )
@@ -841,6 +919,9 @@ def fit(
                 row["slices_per_s"],
                 epoch_s,
             )
+        if t.swa_start and epoch >= t.swa_start:
+            swa_avg = _swa_add(swa_avg, model, swa_count)
+            swa_count += 1
         if bad >= t.patience:
             finished, stopped = True, f"early stop: no improvement for {bad} validations"
         elif out_of_time:
@@ -864,6 +945,8 @@ def fit(
                     "finished": finished,
                     "stopped": stopped,
                     "config": cfg.model_dump(mode="json"),
+                    "swa": swa_avg,
+                    "swa_epochs": swa_count,
                 },
                 last_path,
             )
@@ -873,6 +956,43 @@ def fit(
         writer.close()
     if not stopped:
         stopped = f"paused after epoch {last_epoch} (resumable)"
+    swa_summary: dict[str, Any] = {}
+    if di.main and swa_avg is not None and last_epoch >= start_epoch:
+
+        def bn_batches() -> Iterator[torch.Tensor]:
+            # one epoch of training batches, augmented as in training, in a fixed order
+            sampler.set_epoch(0)
+            gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, 0, di.rank) + 1)
+            for raw in _batches(loader, steps_per_epoch):
+                yield _train_inputs(raw, cfg, gen, dev)[1]
+
+        swa = _swa_model(model, swa_avg, bn_batches(), frozen, dev, precision)
+        swa_metrics = (
+            validate(swa, data.val, dev, precision, t.val_batch_size, t.channels_last)
+            if data.val
+            else {}
+        )
+        swa_summary = {
+            "first_epoch": t.swa_start,
+            "last_epoch": last_epoch,
+            "epochs": swa_count,
+            "metrics_network_grid": swa_metrics,
+        }
+        meta = build_metadata(
+            cfg,
+            training_info(last_epoch)
+            | {"swa": {k: v for k, v in swa_summary.items() if k != "metrics_network_grid"}},
+            {"validation_network_grid": swa_metrics},
+            f"0.0.0+{cfg.name}.swa{t.swa_start}-{last_epoch}",
+        )
+        save_checkpoint(swa, meta, out / "swa.safetensors")
+        logger.info(
+            "SWA of epochs %d-%d (%d): val %s (scored, not used to choose)",
+            t.swa_start,
+            last_epoch,
+            swa_count,
+            {k: round(v, 4) for k, v in swa_metrics.items()},
+        )
     if di.main:
         _write_json(
             out / "summary.json",
@@ -881,6 +1001,7 @@ def fit(
                 "best_epoch": best_epoch,
                 "best_score": best_score if math.isfinite(best_score) else None,
                 "best_metrics_network_grid": best_metrics,
+                "swa": swa_summary or None,
                 "epochs_run": last_epoch,
                 "steps": global_step,
                 "stopped": stopped,

@@ -120,3 +120,35 @@ def test_compose_averages_several_classifiers_and_the_mirror(tmp_path: Path) -> 
         compose_checkpoint(seg_path, [out], tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="classifier_members applies"):
         build_model("mtl", 4, 64, classifier_members=2)
+
+
+def test_a_cnn8_fine_tunes_from_a_composed_release(
+    mini_data: Path, tmp_path: Path, tiny_config
+) -> None:
+    """init_from a release whose T3 is one 8-layer CNN starts a cnn8 run from that CNN."""
+    from training.trainer import fit
+
+    torch.manual_seed(4)
+    mtl = build_model("mtl", 4, 64, tasks=["segmentation", "classification"]).eval()
+    cnn = build_model("cnn8", 4, 64).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        cnn.train()(torch.rand(8, 1, 64, 64))
+    seg_path = _save(mtl, tmp_path / "mtl.safetensors", "mtl")
+    release = compose_checkpoint(
+        seg_path, _save(cnn.eval(), tmp_path / "cnn.safetensors", "cnn8", box=True),
+        tmp_path / "release.safetensors",
+    )  # fmt: skip
+    cfg = tiny_config(
+        model={"architecture": "cnn8", "base_width": 4, "input_size": 64,
+               "tasks": ["classification"], "classifier_input": "lung_box"},
+        train={"epochs": 1, "max_steps_per_epoch": 1, "lr": 1e-12, "init_from": str(release),
+               "freeze_batchnorm": True},
+    )  # fmt: skip
+    fit(cfg, tmp_path / "ft", mini_data, progress=False)
+    last = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)["model"]
+    for k, v in cnn.state_dict().items():
+        torch.testing.assert_close(last[k], v, rtol=0, atol=1e-6, msg=k)
+    # an mtl checkpoint without a CNN8 classifier has nothing for a cnn8 network
+    other = cfg.train.model_copy(update={"init_from": str(seg_path)})
+    with pytest.raises(RuntimeError, match="no weights in common"):
+        fit(cfg.model_copy(update={"train": other}), tmp_path / "none", mini_data, progress=False)

@@ -67,13 +67,17 @@ def test_configs_that_fine_tune_the_release_describe_its_network() -> None:
         if cfg.train.init_from == "mtl_model/weights/ctmtl-release.safetensors":
             users.append(path.stem)
             m = cfg.model
-            got = (m.architecture, m.base_width, m.input_size, m.classifier_pooling)
-            want = (arch.name, arch.base_width, arch.input_size, arch.classifier_pooling)
-            assert got == want, path.name
-            assert m.classifier_width == arch.classifier_width, path.name
+            if m.architecture == "cnn8":  # the release's 8-layer CNN classifier alone
+                assert arch.classifier_pooling == "image_cnn8", path.name
+                assert (m.base_width, m.input_size) == (arch.classifier_width, arch.input_size)
+            else:
+                got = (m.architecture, m.base_width, m.input_size, m.classifier_pooling)
+                want = (arch.name, arch.base_width, arch.input_size, arch.classifier_pooling)
+                assert got == want, path.name
+                assert m.classifier_width == arch.classifier_width, path.name
             # the exported fine-tune must tell the node what the classifier sees
             assert m.classifier_input == meta.preprocessing.classifier_input, path.name
-    assert {"finetune_corrected", "release_finetune_seg"} <= set(users)
+    assert {"finetune_corrected", "release_finetune_seg", "cnn8_release_swa_cpu"} <= set(users)
 
 
 def test_dump_toml_round_trips() -> None:

@@ -274,3 +274,39 @@ def test_freeze_batchnorm_keeps_running_statistics_and_trains_the_rest(
         moved = [k for k in before if k.endswith("weight") and not torch.equal(last[k], before[k])]
         assert any(".1.weight" in k for k in moved)  # BatchNorm scales train either way
         assert any(k.startswith("encoder.") and ".0.weight" in k for k in moved)
+
+
+@pytest.mark.slow
+def test_swa_averages_the_epochs_also_across_resumes(
+    mini_data: Path, tmp_path: Path, tiny_config
+) -> None:
+    """swa.safetensors holds the mean of the weights at the end of epochs swa_start..last,
+    whether the run was split or not, with BatchNorm statistics measured afresh."""
+    cfg = tiny_config(train={"epochs": 4, "max_steps_per_epoch": 3, "lr": 1e-2, "swa_start": 2})
+    split = tmp_path / "split"
+    ends = []
+    for e in range(1, 5):
+        fit(cfg, split, mini_data, progress=False, max_epochs=e)
+        ends.append(torch.load(split / "last.pt", weights_only=False)["model"])
+        assert (split / "swa.safetensors").exists() == (e >= 2)
+    model, meta = load_checkpoint(split / "swa.safetensors")
+    got = model.state_dict()
+    convs = [k for k in got if k.endswith(".weight") and got[k].dim() == 4]
+    assert len(convs) > 5
+    for k in convs:
+        mean = torch.stack([ends[i][k].float() for i in (1, 2, 3)]).mean(0)
+        torch.testing.assert_close(got[k], mean, rtol=1e-5, atol=1e-6, msg=k)
+        assert not torch.allclose(got[k], ends[3][k], atol=1e-6), k  # not the last epoch's
+    stats = [k for k in got if k.endswith("running_mean")]
+    averaged = {k: torch.stack([ends[i][k] for i in (1, 2, 3)]).mean(0) for k in stats}
+    assert all(not torch.allclose(got[k], averaged[k], atol=1e-4) for k in stats)
+    assert meta.training["swa"] == {"first_epoch": 2, "last_epoch": 4, "epochs": 3}
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary["swa"]["epochs"] == 3 and "auc" in summary["swa"]["metrics_network_grid"]
+
+    fit(cfg, tmp_path / "straight", mini_data, progress=False)
+    straight = load_checkpoint(tmp_path / "straight" / "swa.safetensors")[0].state_dict()
+    for k, v in got.items():
+        torch.testing.assert_close(straight[k], v, rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="swa_start 5 is after the last epoch"):
+        tiny_config(train={"epochs": 4, "swa_start": 5})
