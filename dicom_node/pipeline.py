@@ -230,21 +230,23 @@ def analyse_volume(
             "not a chest CT?"
         )
     in_lung = np.asarray(lung.any(axis=(1, 2)))
-    prediction = predictor.predict_hu(hu, slice_mask=in_lung, lung_mask=lung)
+    default_threshold = float(predictor.metadata.labels.threshold)
+    lesion_threshold = options.lesion_threshold or default_threshold
+    prediction = predictor.predict_hu(
+        hu, slice_mask=in_lung, lung_mask=lung, lesion_threshold=lesion_threshold
+    )
     t2 = time.perf_counter()
     if (
-        prediction.lesion_probability is None
+        prediction.lesion_mask is None
         or prediction.slice_covid_probability is None
         or prediction.series_covid_probability is None
     ):
         raise ValueError(
             "the model needs both a segmentation and a classification head for the node"
         )
-    default_threshold = float(predictor.metadata.labels.threshold)
-    lesion_threshold = options.lesion_threshold or default_threshold
     return SeriesAnalysis(
         lung=lung,
-        lesion=(prediction.lesion_probability >= lesion_threshold) & lung,
+        lesion=prediction.lesion_mask & lung,
         slice_covid_probability=np.asarray(prediction.slice_covid_probability),
         in_lung=in_lung,
         covid_probability=float(prediction.series_covid_probability),

@@ -64,6 +64,25 @@ def test_equals_direct_model_call() -> None:
     assert pred.series_covid_probability == pytest.approx(float(np.sort(cls)[-1:].mean()))
 
 
+def test_lesion_threshold_gives_the_thresholded_map() -> None:
+    """The mask thresholded where the network ran (what the node asks for) is the
+    probability map thresholded afterwards, batch by batch, with the same COVID figures."""
+    model, meta = _model_and_meta()
+    rng = np.random.default_rng(2)
+    vol = rng.integers(-1100, 300, size=(7, 96, 80)).astype(np.int16)
+    p = Predictor.from_model(model, meta, device="cpu", precision="fp32", batch_size=3)
+    full = p.predict_hu(vol)
+    assert full.lesion_probability is not None and full.lesion_mask is None
+    level = float(np.median(full.lesion_probability))  # a level that splits the map
+    masked = p.predict_hu(vol, lesion_threshold=level)
+    assert masked.lesion_probability is None and masked.lesion_mask is not None
+    assert masked.lesion_mask.dtype == np.bool_ and masked.lesion_mask.shape == (7, 96, 80)
+    np.testing.assert_array_equal(masked.lesion_mask, full.lesion_probability >= level)
+    assert 0 < masked.lesion_mask.mean() < 1
+    np.testing.assert_array_equal(masked.slice_covid_probability, full.slice_covid_probability)  # type: ignore[arg-type]
+    assert masked.series_covid_probability == full.series_covid_probability
+
+
 def test_batched_equals_unbatched() -> None:
     model, meta = _model_and_meta()
     vol = np.random.default_rng(1).random((7, 64, 64)).astype(np.float32)
