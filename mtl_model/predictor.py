@@ -369,9 +369,10 @@ class Predictor:
         ``slice_mask`` (Z,) marks the slices the series figure is taken over (default: the
         slices ``lung_mask`` has lung in); ``lung_mask`` (Z, Y, X) gives the classifier
         its lung box where the checkpoint asks for one. With ``lesion_threshold`` the
-        lesion output is ``lesion_mask`` instead of the probability map: thresholded on
-        the device and kept there until the series is done, so a GPU sends one boolean
-        volume back (a quarter of the fp32 map) and never waits for a copy between batches.
+        lesion output is ``lesion_mask`` instead of the probability map; on a GPU it is
+        thresholded there and kept there until the series is done, so the GPU sends one
+        boolean volume back (a quarter of the fp32 map) and never waits for a copy between
+        batches (module docstring).
         """
         return self._predict(volume, True, slice_mask, lung_mask, lesion_threshold)
 

@@ -516,10 +516,13 @@ def _swa_add(
     avg: dict[str, torch.Tensor] | None, model: nn.Module, count: int
 ) -> dict[str, torch.Tensor]:
     """``avg``, the mean of ``count`` epochs' float tensors, with ``model``'s added (fp32)."""
-    now = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    now = {k: v for k, v in now.items() if k in (avg or now) and v.is_floating_point()}
+    now = {
+        k: v.detach().to("cpu", torch.float32, copy=True)
+        for k, v in model.state_dict().items()
+        if v.is_floating_point()
+    }
     if avg is None:
-        return {k: v.clone() for k, v in now.items()}
+        return now
     for k, v in now.items():
         avg[k] += (v - avg[k]) / (count + 1)
     return avg
