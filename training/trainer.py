@@ -544,11 +544,11 @@ def _swa_model(
     swa = copy.deepcopy(model)
     state = swa.state_dict()
     swa.load_state_dict({k: avg[k].to(state[k].dtype) if k in avg else v for k, v in state.items()})
-    kept = {id(m) for mod in keep for m in mod.modules()}
+    kept = {id(m) for mod in keep for m in mod.modules()}  # ``model``'s modules, not the copy's
     norms = [
         m
-        for m in swa.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in kept
+        for original, m in zip(model.modules(), swa.modules(), strict=True)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(original) not in kept
     ]
     if not norms:
         return swa.eval()

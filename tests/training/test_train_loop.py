@@ -14,7 +14,7 @@ from training.augment import augment_batch
 from training.config import AugmentConfig, LossConfig
 from training.data import concat_slice_sets, load_covid_ct, load_medseg_png
 from training.losses import MultiTaskLoss
-from training.trainer import fit
+from training.trainer import _swa_model, fit
 
 
 @pytest.mark.slow
@@ -310,3 +310,29 @@ def test_swa_averages_the_epochs_also_across_resumes(
         torch.testing.assert_close(straight[k], v, rtol=0, atol=1e-6, msg=k)
     with pytest.raises(ValueError, match="swa_start 5 is after the last epoch"):
         tiny_config(train={"epochs": 4, "swa_start": 5})
+
+
+def test_swa_batchnorm_statistics_are_the_plain_mean_of_the_batches() -> None:
+    """Each BatchNorm outside ``keep`` gets the mean of the batches' statistics (not an
+    exponential average, which would weight the last batches most); kept layers keep theirs,
+    and the layers get their momentum back for a later fine-tune."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 1, bias=False), torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+    )
+    frozen = net[2]
+    frozen.running_mean.fill_(3.0)
+    frozen.running_var.fill_(5.0)
+    avg = {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+    avg["0.weight"] = torch.tensor([1.0, -2.0]).view(2, 1, 1, 1)
+    batches = [torch.randn(4, 1, 3, 3) * s + m for s, m in ((1, 0), (2, 5), (0.5, -3))]
+    swa = _swa_model(net, avg, iter(batches), [frozen], torch.device("cpu"), "fp32")
+    outs = [torch.nn.functional.conv2d(x, avg["0.weight"]) for x in batches]
+    mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.transpose(0, 1).flatten(1).var(1) for o in outs]).mean(0)
+    torch.testing.assert_close(swa[1].running_mean, mean)
+    torch.testing.assert_close(swa[1].running_var, var)
+    assert torch.equal(swa[2].running_mean, torch.full((2,), 3.0))
+    assert torch.equal(swa[2].running_var, torch.full((2,), 5.0))
+    assert swa[1].momentum == 0.1 and not swa.training
+    assert torch.equal(net[1].running_mean, torch.zeros(2))  # the trained model is untouched
