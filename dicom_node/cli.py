@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicom_node.runtime import no_numpy_huge_pages
+
 if TYPE_CHECKING:
     from dicom_node.config import NodeConfig
     from dicom_node.db import Database
@@ -778,6 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    no_numpy_huge_pages()  # before any command imports numpy
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

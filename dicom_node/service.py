@@ -28,6 +28,7 @@ from dicom_node.export import Exporter
 from dicom_node.metrics import MetricsServer, NodeMetrics
 from dicom_node.redact import mask_secrets
 from dicom_node.results import preload_result_tables
+from dicom_node.runtime import freeze_startup_objects
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.worker import PredictorFactory, Worker
@@ -184,6 +185,7 @@ class NodeService:
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _hup)
         try:
             self.start()
+            freeze_startup_objects()  # this process lives on: keep its start-up out of gc
             while not self.stop_event.wait(0.5):
                 if self.reload_event.is_set():
                     self.reload_event.clear()

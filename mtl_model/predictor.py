@@ -4,11 +4,10 @@ Following nnU-Net's predictor: the network is built and loaded once, moved to th
 once, and every call runs under ``torch.inference_mode()``. Preprocessing (window, resize)
 and the resize of the probability map back to the source grid run on the model's device
 inside the same batch loop, so a series never makes a round trip through the CPU per stage.
-The node asks for the lesion mask (``lesion_threshold``). On a GPU it is thresholded there
-and, with the slice probabilities, stays there until the last batch, so the GPU is never
+The node asks for the lesion mask (``lesion_threshold``). It is thresholded on the device
+and, with the slice probabilities, stays there until the last batch, so a GPU is never
 stopped by a copy back between batches and returns a boolean volume, not the fp32 map; the
-slices go up from pinned memory without blocking. On the CPU the map is thresholded after
-the loop, as the node did before (``mask_on_device``).
+slices go up from pinned memory without blocking.
 
 Precision: ``auto`` picks bf16 weights and activations where the hardware has native bf16
 matrix units (CUDA GPUs with bf16, CPUs with AMX or AVX512-BF16) and fp32 elsewhere. BatchNorm
@@ -216,10 +215,6 @@ class Predictor:
         if batch_size is None:
             batch_size = CPU_BATCH if self.device.type == "cpu" else ACCELERATOR_BATCH
         self.batch_size = batch_size
-        # ``lesion_threshold`` thresholds on a GPU; on the CPU from the map, as before: there
-        # the device path was no faster, and the node's SEG after it took 0.6 s longer
-        # (docs/experiments.md, fifteenth session)
-        self.mask_on_device = self.device.type == "cuda"
         self.input_size = metadata.architecture.input_size
         pre = metadata.preprocessing
         self.window = HUWindow(pre.hu_window_center, pre.hu_window_width)
@@ -369,10 +364,9 @@ class Predictor:
         ``slice_mask`` (Z,) marks the slices the series figure is taken over (default: the
         slices ``lung_mask`` has lung in); ``lung_mask`` (Z, Y, X) gives the classifier
         its lung box where the checkpoint asks for one. With ``lesion_threshold`` the
-        lesion output is ``lesion_mask`` instead of the probability map; on a GPU it is
-        thresholded there and kept there until the series is done, so the GPU sends one
-        boolean volume back (a quarter of the fp32 map) and never waits for a copy between
-        batches (module docstring).
+        lesion output is ``lesion_mask`` instead of the probability map, thresholded on the
+        device and kept there until the series is done: a GPU sends one boolean volume back
+        (a quarter of the fp32 map) and never waits for a copy between batches.
         """
         return self._predict(volume, True, slice_mask, lung_mask, lesion_threshold)
 
@@ -450,7 +444,7 @@ class Predictor:
         seg = "segmentation" in self.tasks
         cls = "classification" in self.tasks
         cuda = self.device.type == "cuda"
-        on_device = seg and lesion_threshold is not None and self.mask_on_device
+        on_device = seg and lesion_threshold is not None
         level = float(lesion_threshold) if lesion_threshold is not None else 0.0
         lesion = np.empty((n, height, width), dtype=np.float32) if seg and not on_device else None
         slice_probs = np.empty(n, dtype=np.float32) if cls else None
@@ -489,7 +483,5 @@ class Predictor:
             lesion_mask = mask_dev.cpu().numpy() if mask_dev is not None else None
             if slice_probs is not None and probs_dev is not None:
                 slice_probs[:] = probs_dev.cpu().numpy()
-        if lesion is not None and lesion_threshold is not None:
-            lesion_mask, lesion = lesion >= level, None
         series = self.aggregate_series(slice_probs, slice_mask) if slice_probs is not None else None
         return Prediction(lesion, slice_probs, series, lesion_mask)

@@ -74,16 +74,13 @@ def test_lesion_threshold_gives_the_thresholded_map() -> None:
     full = p.predict_hu(vol)
     assert full.lesion_probability is not None and full.lesion_mask is None
     level = float(np.median(full.lesion_probability))  # a level that splits the map
-    assert not p.mask_on_device  # a CPU thresholds the map, a GPU where the network ran
-    for on_device in (False, True):  # the GPU's path, run on the CPU
-        p.mask_on_device = on_device
-        masked = p.predict_hu(vol, lesion_threshold=level)
-        assert masked.lesion_probability is None and masked.lesion_mask is not None
-        assert masked.lesion_mask.dtype == np.bool_ and masked.lesion_mask.shape == (7, 96, 80)
-        np.testing.assert_array_equal(masked.lesion_mask, full.lesion_probability >= level)
-        assert 0 < masked.lesion_mask.mean() < 1
-        np.testing.assert_array_equal(masked.slice_covid_probability, full.slice_covid_probability)  # type: ignore[arg-type]
-        assert masked.series_covid_probability == full.series_covid_probability
+    masked = p.predict_hu(vol, lesion_threshold=level)
+    assert masked.lesion_probability is None and masked.lesion_mask is not None
+    assert masked.lesion_mask.dtype == np.bool_ and masked.lesion_mask.shape == (7, 96, 80)
+    np.testing.assert_array_equal(masked.lesion_mask, full.lesion_probability >= level)
+    assert 0 < masked.lesion_mask.mean() < 1
+    np.testing.assert_array_equal(masked.slice_covid_probability, full.slice_covid_probability)  # type: ignore[arg-type]
+    assert masked.series_covid_probability == full.series_covid_probability
 
 
 def test_batched_equals_unbatched() -> None:

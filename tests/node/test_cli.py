@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +39,45 @@ def test_help_explains_every_command() -> None:
     for command in (["serve"], ["process"], ["echo"], ["status"], ["config", "check"]):
         sub = cli(*command, "--help")
         assert sub.returncode == 0 and "usage: ctmtl-node" in sub.stdout, command
+
+
+HUGE_PAGES = """
+import sys
+if sys.argv[1] == "main":
+    from dicom_node.cli import main
+    try:
+        main(["--help"])
+    except SystemExit:
+        pass
+try:
+    from numpy._core import multiarray
+except ImportError:  # numpy 1
+    from numpy.core import multiarray
+print(multiarray._get_madvise_hugepage())
+"""
+
+
+def test_node_commands_keep_numpy_off_huge_pages_unless_the_site_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ctmtl-node sets numpy's NUMPY_MADVISE_HUGEPAGE to 0 before numpy is imported (the
+    kernel's compaction for huge pages slowed every series); a value the site sets stays."""
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+
+    def advice(how: str, **env: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", HUGE_PAGES, how],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+            env={**os.environ, **env},
+        )
+        return run.stdout.split()[-1]
+
+    assert advice("plain") == "True"  # numpy's own default on this kernel
+    assert advice("main") == "False"
+    assert advice("main", NUMPY_MADVISE_HUGEPAGE="1") == "True"
 
 
 def test_config_check(tmp_path: Path) -> None:

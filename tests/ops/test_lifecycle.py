@@ -42,6 +42,8 @@ def test_sighup_reloads_without_dropping_associations(node_process: Any, tmp_pat
     cfg = node_config(tmp_path, port, ["FIRST"])
     node = node_process("serve", "--no-worker", "--config", str(cfg))
     wait_for(lambda: port_open(port), 60, "node listening")
+    # a long-lived process: its start-up is kept out of the collector's full passes
+    wait_for(lambda: "start-up objects kept out of garbage collection" in node.log(), 30, "gc")
     _, files = write_series(tmp_path / "s", n_slices=4, size=32)
 
     assert send_files(port, files[:1], "SECOND") == []  # not allowed yet
