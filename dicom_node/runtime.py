@@ -25,8 +25,7 @@ def no_numpy_huge_pages() -> None:
 
     With the kernel's default THP defrag ("madvise") a page fault in such an array may
     compact memory first. On the 2-core test machine that made load, lung mask and SEG of a
-    300-slice series 0.6 to 1.5 s slower, in kernel time, with no gain in user time; most
-    after the network had freed memory in small pieces.
+    300-slice series 0.5 to 1.6 s slower together, all of it kernel time.
     """
     os.environ.setdefault(HUGE_PAGE_ENV, "0")
 
