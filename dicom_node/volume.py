@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -492,7 +493,7 @@ def decode_pool(setting: int) -> Executor | None:
     n = decode_workers(setting)
     if n < 2:
         return None
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver"))
+    pool = _process_pool(n)
     try:  # start every process now and import this module there: the first series waits not
         for future in [pool.submit(_decoder_ready, 0.05) for _ in range(n)]:
             future.result(timeout=120)
@@ -502,6 +503,17 @@ def decode_pool(setting: int) -> Executor | None:
         return None
     logger.info("%d processes decode compressed slices", n)
     return pool
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """Decoding processes that leave Ctrl-C / SIGINT to the node: it reaches the whole
+    process group, and the node stops the pool itself, without each child's traceback."""
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=signal.signal,
+        initargs=(signal.SIGINT, signal.SIG_IGN),
+    )
 
 
 def _decoder_ready(hold_s: float = 0.0) -> int:
@@ -533,9 +545,7 @@ class _Decoding:
             if isinstance(workers, Executor):
                 executor = workers
             else:
-                executor = self._own = ProcessPoolExecutor(
-                    workers, mp_context=multiprocessing.get_context("forkserver")
-                )
+                executor = self._own = _process_pool(workers)
             self._futures = {path: executor.submit(_decode_file, path) for path in compressed}
         except Exception as exc:  # a pool that cannot take work: decode in this thread
             logger.warning("parallel decoding failed (%s); decoding serially", exc)

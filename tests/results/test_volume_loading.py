@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +240,11 @@ def test_decoding_processes_are_started_once_and_reused(covid_files: list[Path])
         )
         again = {f.result() for f in [pool.submit(_decoder_ready, 0.5) for _ in range(2)]}
         assert len(pids) == 2 and again == pids  # kept, not restarted per series
+        for pid in pids:  # Ctrl-C reaches the process group: the node stops the pool
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        after = {f.result() for f in [pool.submit(_decoder_ready, 0.5) for _ in range(2)]}
+        assert after == pids
     finally:
         pool.shutdown()
 
