@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import time
+import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,15 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 def readyz(url: str) -> tuple[int, str]:
     return get(url + "/readyz")
+
+
+def ready(url: str) -> bool:
+    """/readyz answers 200. False while nothing listens there yet: a starting node binds its
+    DICOM port first and its health endpoint a moment later."""
+    try:
+        return readyz(url)[0] == 200
+    except urllib.error.URLError:
+        return False
 
 
 class StoreSCPOn:

@@ -18,7 +18,15 @@ from ops.conftest import NodeProcess, PostgresServer, _pg_bindir, send_files
 from ops.synth import write_series
 
 from helpers import port_open, wait_for
-from reliability.nodes import lines, log_growth, metric, node_config, node_processes, readyz
+from reliability.nodes import (
+    lines,
+    log_growth,
+    metric,
+    node_config,
+    node_processes,
+    ready,
+    readyz,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +103,7 @@ def test_outage_logs_one_line_each_way_and_the_node_recovers(
         routing={"default": ["pacs"]},
     )
     node = node_process("serve", "--config", str(cfg))
-    wait_for(lambda: port_open(port) and readyz(url)[0] == 200, 120, "the node ready")
+    wait_for(lambda: port_open(port) and ready(url), 120, "the node ready")
 
     _outage(node, url, own_postgres, 1)
     _outage(node, url, own_postgres, 2)  # each outage is one line and one count
