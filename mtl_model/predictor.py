@@ -447,7 +447,6 @@ class Predictor:
         on_device = seg and lesion_threshold is not None
         level = float(lesion_threshold) if lesion_threshold is not None else 0.0
         lesion = np.empty((n, height, width), dtype=np.float32) if seg and not on_device else None
-        slice_probs = np.empty(n, dtype=np.float32) if cls else None
         with torch.inference_mode():
             # on the device until the series is done: no copy back between batches
             mask_dev = (
@@ -481,7 +480,6 @@ class Predictor:
                 if probs_dev is not None:
                     probs_dev[start:stop] = torch.sigmoid(out["classification"].float())
             lesion_mask = mask_dev.cpu().numpy() if mask_dev is not None else None
-            if slice_probs is not None and probs_dev is not None:
-                slice_probs[:] = probs_dev.cpu().numpy()
+            slice_probs = probs_dev.cpu().numpy() if probs_dev is not None else None
         series = self.aggregate_series(slice_probs, slice_mask) if slice_probs is not None else None
         return Prediction(lesion, slice_probs, series, lesion_mask)
